@@ -1,0 +1,500 @@
+//! The tokio driver: accept loop, per-connection task, dial, relay.
+//!
+//! One task per client. Each task owns its socket, a bounded handshake buffer and a
+//! [`Handshake`]; it enforces the handshake deadline, dials through the [`Dialer`] with a connect
+//! timeout, answers, and relays with [`copy_bidirectional_with_sizes`]. Whatever a client does,
+//! it only ever ends its own task.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, copy_bidirectional_with_sizes,
+};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::handshake::{Credentials, Handshake, HandshakeError, Step};
+use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
+
+/// Why a dial failed, mapped to RFC 1928 reply codes by [`DialError::reply_code`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialError {
+    /// The policy forbids this destination (e.g. direct egress disabled). Reply 0x02.
+    #[error("connection not allowed by policy")]
+    NotAllowed,
+    /// No route: outside every peer's allowed IPs and no direct egress. Reply 0x03.
+    #[error("network unreachable")]
+    NetworkUnreachable,
+    /// The host cannot be reached (peer without endpoint, name does not resolve). Reply 0x04.
+    #[error("host unreachable")]
+    HostUnreachable,
+    /// The target refused the connection (RST). Reply 0x05.
+    #[error("connection refused")]
+    ConnectionRefused,
+    /// The connection attempt timed out. Reply 0x06 ("TTL expired").
+    #[error("connection timed out")]
+    TimedOut,
+    /// The dialer cannot handle this kind of address. Reply 0x08.
+    #[error("address type not supported")]
+    AddressTypeNotSupported,
+    /// Anything else. Reply 0x01.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl DialError {
+    /// The RFC 1928 §6 reply code for this failure.
+    pub fn reply_code(&self) -> ReplyCode {
+        match self {
+            Self::NotAllowed => ReplyCode::NotAllowed,
+            Self::NetworkUnreachable => ReplyCode::NetworkUnreachable,
+            Self::HostUnreachable => ReplyCode::HostUnreachable,
+            Self::ConnectionRefused => ReplyCode::ConnectionRefused,
+            Self::TimedOut => ReplyCode::TtlExpired,
+            Self::AddressTypeNotSupported => ReplyCode::AddressTypeNotSupported,
+            Self::Other(_) => ReplyCode::GeneralFailure,
+        }
+    }
+}
+
+/// Something that opens streams for the proxy: the node implements it (tailnet through the
+/// netstack, or direct from the host).
+pub trait Dialer: Send + Sync + 'static {
+    /// The stream a successful dial yields.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Opens a TCP stream to `target`, returning it and the local address it is bound to (sent
+    /// to the client as BND.ADDR/BND.PORT).
+    ///
+    /// The server bounds the call with [`Socks5Config::connect_timeout`] and drops the future
+    /// when the client's connection is cancelled, so implementations need not time out
+    /// themselves (they may, returning [`DialError::TimedOut`]).
+    fn connect(
+        &self,
+        target: &TargetAddr,
+    ) -> impl Future<Output = Result<(Self::Stream, SocketAddr), DialError>> + Send;
+}
+
+/// Settings of a [`Socks5Server`].
+#[derive(Debug, Clone)]
+pub struct Socks5Config {
+    /// Credentials clients must present (RFC 1929); `None` accepts clients without
+    /// authentication.
+    pub auth: Option<Credentials>,
+    /// Time a client has, from accept, to complete the handshake up to its request. A client that
+    /// sends nothing, or too little, is dropped when it expires.
+    pub handshake_timeout: Duration,
+    /// Time allowed for a dial before the client is answered 0x06 (TTL expired).
+    pub connect_timeout: Duration,
+    /// Maximum number of clients served at once (handshaking or relaying). Connections above it
+    /// are accepted and closed at once, without a reply. 0 refuses everybody.
+    pub max_connections: usize,
+    /// Size of each of the two relay buffers of a connection.
+    pub relay_buffer_size: usize,
+}
+
+impl Default for Socks5Config {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            relay_buffer_size: 64 * 1024,
+        }
+    }
+}
+
+/// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 authentication) dialing through `D`.
+#[derive(Debug)]
+pub struct Socks5Server<D: Dialer> {
+    config: Arc<Socks5Config>,
+    dialer: Arc<D>,
+}
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Handshake input buffer. The longest handshake message is an RFC 1929 request (513 bytes), so a
+/// valid client never fills it; bytes pipelined after the request are forwarded to the target.
+const HANDSHAKE_BUF: usize = 1024;
+/// Longest time spent, after sending a final error reply, reading and discarding what the client
+/// still sends, so that closing does not reset the connection before the client reads the reply.
+const MAX_LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering.
+const MAX_LINGER_BYTES: usize = 64 * 1024;
+
+impl<D: Dialer> Socks5Server<D> {
+    /// A server with `config` that opens connections through `dialer`.
+    pub fn new(config: Socks5Config, dialer: Arc<D>) -> Self {
+        Self {
+            config: Arc::new(config),
+            dialer,
+        }
+    }
+
+    /// Accepts and serves clients until `cancel` fires.
+    ///
+    /// Each client runs in its own task on a child token of `cancel`. On cancellation the listener
+    /// is closed first, then the connection tasks (cancelled with it) are awaited, so when this
+    /// returns no task of this server is left. Accept errors are logged and retried after a short
+    /// pause: only cancellation ends the loop.
+    ///
+    /// # Errors
+    ///
+    /// Only if the listener's local address cannot be read at startup.
+    pub async fn serve(self, listener: TcpListener, cancel: CancellationToken) -> io::Result<()> {
+        let local = listener.local_addr()?;
+        info!(%local, auth = self.config.auth.is_some(), "SOCKS5 proxy listening");
+        let limit = Arc::new(Semaphore::new(
+            self.config.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
+        let tracker = TaskTracker::new();
+        let mut at_limit = false;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, client) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%local, %error, "SOCKS5 accept failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            };
+            let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                if !at_limit {
+                    warn!(
+                        max = self.config.max_connections,
+                        "SOCKS5 connection limit reached; closing new clients until some finish"
+                    );
+                    at_limit = true;
+                }
+                debug!(%client, "SOCKS5 client over the connection limit: closed");
+                drop(stream);
+                continue;
+            };
+            at_limit = false;
+            // Relayed writes are application writes already; do not delay them further.
+            if let Err(error) = stream.set_nodelay(true) {
+                debug!(%client, %error, "set_nodelay failed");
+            }
+            let config = Arc::clone(&self.config);
+            let dialer = Arc::clone(&self.dialer);
+            let token = cancel.child_token();
+            let span = info_span!("socks5", %client);
+            tracker.spawn(
+                async move {
+                    let outcome = tokio::select! {
+                        biased;
+                        () = token.cancelled() => Outcome::Cancelled,
+                        outcome = serve_connection(stream, &config, &*dialer) => outcome,
+                    };
+                    outcome.log();
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        drop(listener);
+        tracker.close();
+        info!(%local, active = tracker.len(), "SOCKS5 proxy closed; draining connections");
+        tracker.wait().await;
+        info!(%local, "SOCKS5 proxy stopped");
+        Ok(())
+    }
+}
+
+/// How a connection ended; logged once per connection.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The relay ran until both directions were shut down.
+    Relayed {
+        /// Where the client went.
+        target: TargetAddr,
+        /// Bytes from the client to the target (including bytes pipelined with the request).
+        up: u64,
+        /// Bytes from the target to the client.
+        down: u64,
+    },
+    /// The relay ended with an I/O error on either side.
+    RelayFailed {
+        /// Where the client went.
+        target: TargetAddr,
+        /// The error.
+        error: io::Error,
+    },
+    /// The dial failed (or timed out) and the client got the matching reply.
+    DialFailed {
+        /// Where the client wanted to go.
+        target: TargetAddr,
+        /// Why.
+        error: DialError,
+    },
+    /// A valid but unsupported command (BIND, and UDP ASSOCIATE for now); answered 0x07.
+    Unsupported {
+        /// The command.
+        command: Command,
+        /// Its address.
+        target: TargetAddr,
+    },
+    /// The handshake failed; the client got the error reply.
+    Rejected(HandshakeError),
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// The client closed the connection during the handshake.
+    ClientClosed,
+    /// Reading from or writing to the client failed before the relay.
+    ClientError(io::Error),
+    /// The server is shutting down.
+    Cancelled,
+}
+
+impl Outcome {
+    fn log(&self) {
+        match self {
+            Self::Relayed { target, up, down } => {
+                info!(%target, up, down, "SOCKS5 connection closed");
+            }
+            Self::RelayFailed { target, error } => {
+                info!(%target, %error, "SOCKS5 relay failed");
+            }
+            Self::DialFailed { target, error } => {
+                info!(%target, %error, "SOCKS5 connect failed");
+            }
+            Self::Unsupported { command, target } => {
+                info!(%target, ?command, "SOCKS5 command not supported");
+            }
+            Self::Rejected(error) => info!(%error, "SOCKS5 handshake rejected"),
+            Self::HandshakeTimeout => info!("SOCKS5 handshake timed out"),
+            Self::ClientClosed => info!("SOCKS5 client closed during handshake"),
+            Self::ClientError(error) => info!(%error, "SOCKS5 client I/O error"),
+            Self::Cancelled => info!("SOCKS5 connection cancelled by shutdown"),
+        }
+    }
+}
+
+/// Serves one client until its relay ends or it is turned away. Cancellation is the caller's
+/// (drop the future).
+pub(crate) async fn serve_connection<S, D>(
+    mut client: S,
+    config: &Socks5Config,
+    dialer: &D,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Dialer,
+{
+    let linger = config.handshake_timeout.min(MAX_LINGER);
+    let deadline = Instant::now() + config.handshake_timeout;
+    let mut input = InputBuf::new();
+    let handshake = run_handshake(&mut client, &mut input, config.auth.as_ref());
+    let request = match timeout_at(deadline, handshake).await {
+        Err(_elapsed) => return Outcome::HandshakeTimeout,
+        Ok(Ok(request)) => request,
+        Ok(Err(HandshakeEnd::Rejected { reply, error })) => {
+            close_with_reply(&mut client, &reply, linger).await;
+            return Outcome::Rejected(error);
+        }
+        Ok(Err(HandshakeEnd::ClientClosed)) => return Outcome::ClientClosed,
+        Ok(Err(HandshakeEnd::Io(error))) => return Outcome::ClientError(error),
+    };
+    let Request { command, target } = request;
+    match command {
+        Command::Connect => {
+            let early = input.filled();
+            connect(client, early, target, config, dialer, linger).await
+        }
+        // UDP ASSOCIATE goes here when it is implemented: bind a relay socket, reply with its
+        // address, relay datagrams (`proto::decode_udp_datagram` / `encode_udp_header`, dropping
+        // fragments) until the client closes this TCP connection.
+        Command::Bind | Command::UdpAssociate => {
+            let mut reply = Vec::with_capacity(10);
+            Reply::failure(ReplyCode::CommandNotSupported).encode(&mut reply);
+            close_with_reply(&mut client, &reply, linger).await;
+            Outcome::Unsupported { command, target }
+        }
+    }
+}
+
+/// CONNECT: dial, answer, relay.
+async fn connect<S, D>(
+    mut client: S,
+    early: &[u8],
+    target: TargetAddr,
+    config: &Socks5Config,
+    dialer: &D,
+    linger: Duration,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: Dialer,
+{
+    let dialed = match timeout(config.connect_timeout, dialer.connect(&target)).await {
+        Ok(dialed) => dialed,
+        Err(_elapsed) => Err(DialError::TimedOut),
+    };
+    let (mut upstream, bound) = match dialed {
+        Ok(dialed) => dialed,
+        Err(error) => {
+            let mut reply = Vec::with_capacity(10);
+            Reply::failure(error.reply_code()).encode(&mut reply);
+            close_with_reply(&mut client, &reply, linger).await;
+            return Outcome::DialFailed { target, error };
+        }
+    };
+    let mut reply = Vec::with_capacity(22);
+    Reply {
+        code: ReplyCode::Succeeded,
+        bound,
+    }
+    .encode(&mut reply);
+    if let Err(error) = write_flush(&mut client, &reply).await {
+        return Outcome::ClientError(error);
+    }
+    info!(%target, %bound, "SOCKS5 connected");
+    if !early.is_empty()
+        && let Err(error) = write_flush(&mut upstream, early).await
+    {
+        return Outcome::RelayFailed { target, error };
+    }
+    let size = config.relay_buffer_size.max(1);
+    match copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size).await {
+        Ok((up, down)) => Outcome::Relayed {
+            target,
+            up: up + early.len() as u64,
+            down,
+        },
+        Err(error) => Outcome::RelayFailed { target, error },
+    }
+}
+
+/// How a handshake ended without a request.
+enum HandshakeEnd {
+    /// Send `reply`, then close.
+    Rejected {
+        reply: Vec<u8>,
+        error: HandshakeError,
+    },
+    /// EOF before the request was complete.
+    ClientClosed,
+    /// Reading or writing failed.
+    Io(io::Error),
+}
+
+/// Feeds the client's bytes to a [`Handshake`] until it yields a request. Bytes after the request
+/// are left in `input`.
+async fn run_handshake<S>(
+    client: &mut S,
+    input: &mut InputBuf,
+    credentials: Option<&Credentials>,
+) -> Result<Request, HandshakeEnd>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut handshake = Handshake::new(credentials);
+    loop {
+        match handshake.handle_input(input.filled()) {
+            Step::NeedMore => match input.fill_from(client).await {
+                Ok(0) => return Err(HandshakeEnd::ClientClosed),
+                Ok(_) => {}
+                Err(error) => return Err(HandshakeEnd::Io(error)),
+            },
+            Step::Send { consumed, reply } => {
+                input.consume(consumed);
+                write_flush(client, &reply)
+                    .await
+                    .map_err(HandshakeEnd::Io)?;
+            }
+            Step::Request { consumed, request } => {
+                input.consume(consumed);
+                return Ok(request);
+            }
+            Step::Close { reply, error } => return Err(HandshakeEnd::Rejected { reply, error }),
+        }
+    }
+}
+
+/// Sends a final reply and closes gracefully: FIN, then read and discard what the client still
+/// sends (bounded in time and bytes) so that unread input does not turn the close into a reset
+/// that could destroy the reply before the client reads it.
+async fn close_with_reply<S>(client: &mut S, reply: &[u8], linger: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let close = async {
+        write_flush(client, reply).await?;
+        client.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut discarded = 0;
+        while discarded < MAX_LINGER_BYTES {
+            match client.read(&mut sink).await? {
+                0 => break,
+                n => discarded += n,
+            }
+        }
+        io::Result::Ok(())
+    };
+    // Errors and timeouts here only mean the client is gone or slow; we close either way.
+    let _ = timeout(linger, close).await;
+}
+
+async fn write_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// The bounded buffer of bytes received during the handshake.
+struct InputBuf {
+    bytes: [u8; HANDSHAKE_BUF],
+    len: usize,
+}
+
+impl InputBuf {
+    fn new() -> Self {
+        Self {
+            bytes: [0; HANDSHAKE_BUF],
+            len: 0,
+        }
+    }
+
+    /// The received bytes not consumed yet.
+    fn filled(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Drops the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.bytes.copy_within(n..self.len, 0);
+        self.len -= n;
+    }
+
+    /// Reads once from `stream` into the free space; returns 0 at EOF.
+    ///
+    /// A full buffer is an error: no valid handshake message is that long.
+    async fn fill_from<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> io::Result<usize> {
+        let free = &mut self.bytes[self.len..];
+        if free.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "handshake message exceeds the input buffer",
+            ));
+        }
+        let n = stream.read(free).await?;
+        self.len += n;
+        Ok(n)
+    }
+}
