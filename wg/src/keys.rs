@@ -174,6 +174,11 @@ impl PresharedKey {
     pub fn to_bytes(&self) -> [u8; KEY_LEN] {
         self.0
     }
+
+    /// The base64 text form (as printed by `wg genpsk`).
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
 }
 
 impl FromStr for PresharedKey {
@@ -219,7 +224,10 @@ mod tests {
             0xf7, 0x5a, 0x0d, 0xbf, 0x3a, 0x0d, 0x26, 0x38, 0x1a, 0xf4, 0xeb, 0xa4, 0xa9, 0x8e,
             0xaa, 0x9b, 0x4e, 0x6a,
         ];
-        assert_eq!(PrivateKey::from_bytes(private).public_key().as_bytes(), &public);
+        assert_eq!(
+            PrivateKey::from_bytes(private).public_key().as_bytes(),
+            &public
+        );
     }
 
     #[test]
