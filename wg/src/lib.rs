@@ -11,6 +11,7 @@
 //!   feeds it datagrams, IP packets and timeouts and sends what it returns.
 //! - [`udp`]: binding tuned, dual-stack UDP sockets for tokio and normalising
 //!   IPv4-mapped endpoint addresses.
+//! - [`config`]: parsing (and printing) wg-quick files.
 //! - [`keys`]: private, public and preshared keys in wg's base64 form.
 //! - [`testing`]: in-memory networks of engines and hand-built IP packets,
 //!   for this crate's tests and the integrator's.
@@ -25,12 +26,14 @@
 //! [`Engine::handle_timeout`] must be driven on the cadence that
 //! [`Engine::poll_timeout`] asks for.
 
+pub mod config;
 pub mod engine;
 pub mod keys;
 mod routing;
 pub mod testing;
 pub mod udp;
 
+pub use config::{ConfigError, Endpoint, WgQuickConfig};
 pub use engine::{
     DatagramOutcome, DropReason, Engine, EngineConfig, EngineStats, Event, MAX_DATAGRAM,
     PacketOutcome, PeerChange, PeerConfig, PeerError, PeerStats,
