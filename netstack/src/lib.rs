@@ -1,1 +1,339 @@
-//! placeholder
+//! A userspace TCP/IP stack for the node's tailnet addresses: one [smoltcp] interface behind
+//! async [`TcpStream`], [`TcpListener`] and [`UdpSocket`] handles.
+//!
+//! # Architecture
+//!
+//! ```text
+//!   applications (SOCKS, forwards, exposure)         driver task (in the node, not here)
+//!   TcpStream / TcpListener / UdpSocket               PacketQueues { inbound, outbound, free }
+//!            │  lock, act, register waker                      │ poll(now, &mut queues)
+//!            ▼                                                 ▼
+//!   ┌───────────────────────── Netstack (Arc<Mutex<Core>>) ─────────────────────────┐
+//!   │ smoltcp Interface (Medium::Ip, /32 + /128 addresses, default routes)           │
+//!   │ SocketSet + connection records: listen backlogs, reclaim, ephemeral ports       │
+//!   └─────────────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! The netstack knows nothing about WireGuard. A single driver task owned by the node moves IP
+//! packets: it appends decrypted packets to [`PacketQueues::inbound`], calls [`Netstack::poll`],
+//! encrypts and sends [`PacketQueues::outbound`], returns spent buffers to
+//! [`PacketQueues::free`], and then sleeps until the delay `poll` returned elapses, new packets
+//! arrive, or [`Netstack::wait_for_work`] completes because an application did something that
+//! needs a poll (wrote data, read enough to reopen the window, connected, closed...).
+//!
+//! ```no_run
+//! # async fn driver(stack: tailnode_netstack::Netstack) {
+//! use tailnode_netstack::PacketQueues;
+//! let mut queues = PacketQueues::new();
+//! loop {
+//!     // ... push received IP packets to queues.inbound ...
+//!     let delay = stack.poll(std::time::Instant::now(), &mut queues);
+//!     // ... send queues.outbound, move the buffers to queues.free ...
+//!     let sleep = async {
+//!         match delay {
+//!             Some(d) => tokio::time::sleep(d).await,
+//!             None => std::future::pending().await,
+//!         }
+//!     };
+//!     tokio::select! {
+//!         _ = stack.wait_for_work() => {}
+//!         _ = sleep => {}
+//!         // _ = packets_from_the_tunnel => {}
+//!     }
+//! }
+//! # }
+//! ```
+//!
+//! # Contract
+//!
+//! - **Sans-IO core.** `poll` takes `now`; smoltcp sees time only through it (relative to the
+//!   instant given to [`Netstack::new`]). Application handles never read the clock.
+//! - **Packet path.** Inbound buffers are moved into smoltcp, parsed in place, and their payload
+//!   copied once into the socket buffer; outbound packets are written straight into pooled
+//!   buffers. No allocation per packet once the free pool is warm. Inbound checksums are not
+//!   verified by default (WireGuard authenticated the packet); see
+//!   [`NetstackConfig::verify_checksums`].
+//! - **Locking.** One `std::sync::Mutex` guards the interface and all sockets; it is held for one
+//!   operation or one `poll` (bounded to 256 inbound and 1024 outbound packets) and never across
+//!   an `.await`. Wakers are registered under the lock, so no wake-up is lost.
+//! - **Listening on any port.** smoltcp cannot listen on "any port", and its listening socket
+//!   becomes the connection it accepts. `poll` looks at every inbound SYN first: for a port with a
+//!   [`TcpListener`] and no socket in LISTEN state it opens one, bounded by
+//!   [`NetstackConfig::listen_backlog`] (SYNs beyond it are dropped, and the client retries) and
+//!   [`NetstackConfig::max_tcp_sockets`]. SYNs to ports nobody listens on get smoltcp's RST.
+//! - **Reclaim.** Every socket leaves the `SocketSet` once it is closed: TIME-WAIT (whose 4-tuple
+//!   is then only remembered, see `core`), reset, refused or cancelled connects, dropped handles.
+//!   Dropping a [`TcpStream`] closes gracefully (FIN after queued data; RST if unread data was
+//!   pending, as Linux does), and an orphan that does not finish within
+//!   [`NetstackConfig::orphan_timeout`] is reset. [`Netstack::stats`] shows what is alive.
+//! - **TCP tuning.** Nagle off, window scaling on, buffers from the config, delayed ACK off by
+//!   default (ACKs go out once per poll, i.e. per burst of inbound packets).
+//! - **ICMP.** Echo requests to our addresses are answered by smoltcp; datagrams to closed UDP
+//!   ports get ICMP port unreachable.
+//!
+//! # Limitations
+//!
+//! IPv4 fragments are not reassembled and IPv6 extension headers are not looked at before
+//! smoltcp (a SYN carrying one does not open a LISTEN socket). At most 8 addresses. Datagrams
+//! larger than the MTU are refused, not fragmented. Connect uses a distinct ephemeral port per
+//! connection (16384 concurrent outbound connections). The peer's RST is inferred from the
+//! inbound segment, so an out-of-window RST followed by a silent close is reported as a reset.
+//!
+//! # Layout
+//!
+//! - `config` — [`NetstackConfig`] and validation.
+//! - `device` — [`PacketQueues`] and the smoltcp device over them.
+//! - `inspect` — allocation-free TCP header look-up for inbound packets.
+//! - `core` — the state behind the mutex: interface, sockets, records, reclaim.
+//! - `tcp`, `udp` — the async application handles.
+//! - [`testing`] — two netstacks wired back to back in memory (tests and benchmarks).
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+mod config;
+mod core;
+mod device;
+mod inspect;
+mod tcp;
+#[doc(hidden)]
+pub mod testing;
+mod udp;
+
+pub use crate::config::NetstackConfig;
+pub use crate::device::PacketQueues;
+pub use crate::tcp::{TcpListener, TcpStream};
+pub use crate::udp::UdpSocket;
+
+use crate::core::Core;
+
+/// Errors creating or reconfiguring a [`Netstack`].
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum NetstackError {
+    /// A configuration value smoltcp cannot work with.
+    #[error("invalid netstack configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// An address that cannot be assigned to an interface (unspecified, multicast, broadcast).
+    #[error("address {0} cannot be assigned to the netstack")]
+    InvalidAddress(IpAddr),
+    /// More addresses than the interface can hold.
+    #[error("too many addresses (at most {max})")]
+    TooManyAddresses {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Errors of [`Netstack::connect`].
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The peer answered the SYN with a reset (nothing listens on that port).
+    #[error("connection refused")]
+    Refused,
+    /// The attempt ended without an answer: [`NetstackConfig::tcp_timeout`] expired (or the
+    /// local address was removed). Without `tcp_timeout` the SYN is retried until the caller's
+    /// own timeout drops the `connect` future.
+    #[error("connection attempt timed out")]
+    TimedOut,
+    /// The node has no address of the destination's family (yet).
+    #[error("no local address of the destination's address family")]
+    NoAddress,
+    /// The destination is unspecified, multicast, broadcast, or has port 0.
+    #[error("invalid destination {0}")]
+    InvalidAddress(SocketAddr),
+    /// [`NetstackConfig::max_tcp_sockets`] sockets are alive.
+    #[error("too many TCP sockets")]
+    TooManySockets,
+    /// Every ephemeral port is in use.
+    #[error("no free ephemeral port")]
+    NoFreePort,
+}
+
+impl From<ConnectError> for io::Error {
+    fn from(e: ConnectError) -> Self {
+        let kind = match e {
+            ConnectError::Refused => io::ErrorKind::ConnectionRefused,
+            ConnectError::TimedOut => io::ErrorKind::TimedOut,
+            ConnectError::NoAddress | ConnectError::NoFreePort => io::ErrorKind::AddrNotAvailable,
+            ConnectError::InvalidAddress(_) => io::ErrorKind::InvalidInput,
+            ConnectError::TooManySockets => io::ErrorKind::OutOfMemory,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Errors of [`Netstack::listen`].
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ListenError {
+    /// Port 0 cannot be listened on.
+    #[error("cannot listen on port 0")]
+    PortZero,
+    /// Another [`TcpListener`] holds this port.
+    #[error("port {0} already has a listener")]
+    InUse(u16),
+}
+
+/// Errors of [`Netstack::bind_udp`].
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum UdpBindError {
+    /// Another [`UdpSocket`] is bound to this port.
+    #[error("UDP port {0} already in use")]
+    InUse(u16),
+    /// [`NetstackConfig::max_udp_sockets`] sockets are alive.
+    #[error("too many UDP sockets")]
+    TooManySockets,
+    /// Every ephemeral port is in use.
+    #[error("no free ephemeral UDP port")]
+    NoFreePort,
+}
+
+/// A snapshot of the netstack's resources and counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetstackStats {
+    /// smoltcp TCP sockets alive (connecting, open, closing, listener sockets).
+    pub tcp_sockets: usize,
+    /// TCP connection records, including finished connections whose `TcpStream` is still held.
+    pub tcp_connections: usize,
+    /// Ports with a [`TcpListener`].
+    pub tcp_listeners: usize,
+    /// Closed connections whose 4-tuple is still reserved (TIME-WAIT, no socket).
+    pub tcp_time_wait: usize,
+    /// UDP sockets alive (including dropped ones still sending queued datagrams).
+    pub udp_sockets: usize,
+    /// Inbound packets handed to `poll` so far.
+    pub packets_in: u64,
+    /// Outbound packets produced by `poll` so far.
+    pub packets_out: u64,
+    /// SYNs dropped because a listener's backlog (or the socket limit) was full.
+    pub syn_dropped: u64,
+}
+
+/// State shared by the netstack handle, the driver and every socket handle.
+pub(crate) struct Shared {
+    core: Mutex<Core>,
+    work: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Runs `f` under the lock and notifies the driver afterwards if `f` gave it work.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let mut core = self.lock();
+        let result = f(&mut core);
+        let wake = std::mem::take(&mut core.wake_driver);
+        drop(core);
+        if wake {
+            self.work.notify_one();
+        }
+        result
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves smoltcp's state consistent enough to keep
+        // serving (smoltcp does not unwind mid-update on its own), so poisoning is ignored.
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The node's TCP/IP stack: a cheap, cloneable handle shared by the driver and applications.
+#[derive(Clone)]
+pub struct Netstack {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Netstack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Netstack")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Netstack {
+    /// Creates a netstack; `now` is the origin of its clock.
+    ///
+    /// # Errors
+    ///
+    /// [`NetstackError`] if the configuration or an address is invalid.
+    pub fn new(config: NetstackConfig, now: Instant) -> Result<Self, NetstackError> {
+        let core = Core::new(config, now)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                core: Mutex::new(core),
+                work: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    /// The node's addresses.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.shared.with(|core| core.addresses())
+    }
+
+    /// Replaces the node's addresses at run time (the control plane assigns them). Connections
+    /// bound to a removed address are closed.
+    ///
+    /// # Errors
+    ///
+    /// [`NetstackError::InvalidAddress`] or [`NetstackError::TooManyAddresses`]; the previous
+    /// addresses stay in place.
+    pub fn set_addresses(&self, addresses: Vec<IpAddr>) -> Result<(), NetstackError> {
+        self.shared.with(|core| core.set_addresses(addresses))
+    }
+
+    /// Driver side: feeds `queues.inbound` to the stack, runs smoltcp, and appends outbound IP
+    /// packets to `queues.outbound` (buffers come from `queues.free`; consumed inbound buffers
+    /// are returned there). Returns the delay after which `poll` must run again even without
+    /// new input, or `None` if only new input or application work (see
+    /// [`wait_for_work`](Self::wait_for_work)) needs a poll. `Some(Duration::ZERO)` means more
+    /// work is ready now (inbound packets left over from a bounded batch, for example).
+    pub fn poll(&self, now: Instant, queues: &mut PacketQueues) -> Option<Duration> {
+        self.shared.with(|core| core.poll(now, queues))
+    }
+
+    /// Driver side: completes when an application did something that needs a [`poll`](Self::poll).
+    /// Notifications coalesce: one pending notification is kept if nobody waits.
+    pub async fn wait_for_work(&self) {
+        self.shared.work.notified().await;
+    }
+
+    /// Opens a TCP connection to `remote` from an ephemeral port (random in 49152..=65535) of
+    /// our address of the same family. Apply a timeout with `tokio::time::timeout`: dropping
+    /// the future resets the attempt and frees its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError`]: refused (RST), timed out (see [`NetstackConfig::tcp_timeout`]), no
+    /// address of that family, invalid destination, or resource limits.
+    pub async fn connect(&self, remote: SocketAddr) -> Result<TcpStream, ConnectError> {
+        tcp::connect(&self.shared, remote).await
+    }
+
+    /// Accepts TCP connections to `port` on all of the node's addresses (including ones added
+    /// later).
+    ///
+    /// # Errors
+    ///
+    /// [`ListenError`] for port 0 or a port that already has a listener.
+    pub fn listen(&self, port: u16) -> Result<TcpListener, ListenError> {
+        self.shared.with(|core| core.listen(port))?;
+        Ok(TcpListener::new(self.shared.clone(), port))
+    }
+
+    /// Binds a UDP socket to `local_port` (or an ephemeral port) on all of the node's addresses.
+    ///
+    /// # Errors
+    ///
+    /// [`UdpBindError`] if the port is taken or a limit is reached.
+    pub fn bind_udp(&self, local_port: Option<u16>) -> Result<UdpSocket, UdpBindError> {
+        let (handle, port) = self.shared.with(|core| core.udp_bind(local_port))?;
+        Ok(UdpSocket::new(self.shared.clone(), handle, port))
+    }
+
+    /// Live sockets and counters.
+    pub fn stats(&self) -> NetstackStats {
+        self.shared.with(|core| core.stats())
+    }
+}

@@ -1,0 +1,1215 @@
+//! The sans-IO core: smoltcp's `Interface` and `SocketSet` plus the bookkeeping smoltcp leaves
+//! to its user (listen backlogs, socket reclaim, ephemeral ports, close reasons).
+//!
+//! Everything here runs under the netstack's single mutex and never blocks, sleeps or reads the
+//! clock: the driver passes `now` into [`Core::poll`], and application operations act on the
+//! state as of the last poll. Operations that give smoltcp something to do set
+//! [`Core::wake_driver`]; the caller notifies the driver after releasing the lock.
+//!
+//! # Connection records
+//!
+//! Every TCP socket belongs to a [`Conn`] record addressed by a generational [`ConnId`], so a
+//! handle never reaches a reused smoltcp slot. A record is owned by a listener (handshake in
+//! progress or waiting for `accept`), by the application (a `TcpStream` or a pending `connect`),
+//! or is an orphan (its handle was dropped; it finishes its close and is reclaimed).
+//!
+//! # Reclaim
+//!
+//! smoltcp never frees sockets. Records that may be ending — a FIN or RST arrived for their
+//! 4-tuple, the application shut down or dropped them — are *watched*: after every poll each
+//! watched socket that reached TIME-WAIT or CLOSED is removed from the `SocketSet`. TIME-WAIT is
+//! not kept in a full socket: the buffers are freed at once and only the 4-tuple is remembered for
+//! the TIME-WAIT period, so ephemeral ports are not reused towards the same peer too early (a
+//! late retransmitted FIN is answered with RST instead of ACK, which ends the peer's LAST-ACK all
+//! the same). Unread data of a cleanly closed stream is kept in the record for the application.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, RecvError, State};
+use smoltcp::socket::udp;
+use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use tokio::io::ReadBuf;
+
+use crate::device::{PacketQueues, QueueDevice};
+use crate::inspect::{self, TcpSummary};
+use crate::{
+    ConnectError, ListenError, NetstackConfig, NetstackError, NetstackStats, UdpBindError,
+};
+
+/// Inbound packets processed per `poll`; the rest wait for the next call (which `poll` asks for
+/// with a zero delay), so one flood cannot hold the lock indefinitely.
+const MAX_INBOUND_PER_POLL: usize = 256;
+/// Outbound packets socket egress may emit per `poll`.
+const MAX_OUTBOUND_PER_POLL: usize = 1024;
+/// How long the 4-tuple of a closed connection stays reserved (smoltcp's TIME-WAIT duration).
+const TIME_WAIT: Duration = Duration::from_secs(10);
+/// Sockets created for a listener give up when the peer stays silent this long during the
+/// handshake or while waiting for `accept()` (smoltcp retransmits SYN|ACK forever otherwise).
+const PENDING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ephemeral port range (RFC 6335 §6).
+const EPHEMERAL_FIRST: u16 = 49152;
+const EPHEMERAL_COUNT: u16 = 16384;
+/// smoltcp's per-interface address limit (raised by the `iface-max-addr-count-8` feature).
+pub(crate) const MAX_ADDRESSES: usize = 8;
+
+type Tuple = (SocketAddr, SocketAddr);
+
+/// Stable identity of a TCP connection record; never reused for a different record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConnId {
+    index: u32,
+    generation: u32,
+}
+
+/// Who holds a connection record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// Created for the listener on this port; not yet accepted.
+    Listener(u16),
+    /// A `TcpStream` or an in-progress `connect` holds it.
+    App,
+    /// The handle was dropped; reset if the close is not done by `deadline`.
+    Orphan { deadline: SmolInstant },
+}
+
+/// How a connection ended, as reported to the application once its socket is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The peer closed cleanly: reads return end-of-stream after the buffered data.
+    Fin,
+    /// The peer reset the connection.
+    Reset,
+    /// The connection ended without FIN or RST: timeout, local abort, or address removal.
+    Aborted,
+}
+
+/// One TCP connection (or a listener's LISTEN socket).
+#[derive(Debug)]
+pub(crate) struct Conn {
+    socket: Option<SocketHandle>,
+    owner: Owner,
+    /// (local, remote), registered in `Core::tuples` while the socket exists.
+    tuple: Option<Tuple>,
+    /// Ephemeral port reserved by `connect`.
+    connect_port: Option<u16>,
+    /// An RST for this 4-tuple arrived.
+    rst_seen: bool,
+    /// We sent (or queued) our FIN.
+    shut_wr: bool,
+    watched: bool,
+    end: Option<End>,
+    /// Unread data of a connection whose socket was already reclaimed, and the read offset.
+    leftover: Vec<u8>,
+    leftover_pos: usize,
+}
+
+impl Conn {
+    fn new(socket: SocketHandle, owner: Owner) -> Self {
+        Self {
+            socket: Some(socket),
+            owner,
+            tuple: None,
+            connect_port: None,
+            rst_seen: false,
+            shut_wr: false,
+            watched: false,
+            end: None,
+            leftover: Vec::new(),
+            leftover_pos: 0,
+        }
+    }
+
+    /// The I/O error for a connection that can no longer carry data in the given direction.
+    fn broken(&self, writing: bool) -> io::Error {
+        let kind = match self.end {
+            Some(End::Reset) => io::ErrorKind::ConnectionReset,
+            _ if self.rst_seen => io::ErrorKind::ConnectionReset,
+            Some(End::Aborted) => io::ErrorKind::ConnectionAborted,
+            _ if writing && self.shut_wr => io::ErrorKind::BrokenPipe,
+            Some(End::Fin) if writing => io::ErrorKind::BrokenPipe,
+            _ => io::ErrorKind::ConnectionAborted,
+        };
+        io::Error::from(kind)
+    }
+}
+
+/// A port with a `TcpListener`.
+#[derive(Debug)]
+struct Listener {
+    /// Records owned by this listener: LISTEN sockets, handshakes, connections awaiting accept.
+    pending: Vec<ConnId>,
+    /// The task blocked in `accept`, registered on every pending socket.
+    waker: Option<std::task::Waker>,
+}
+
+/// Verdict of the pre-interface look at an inbound packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Feed,
+    Drop,
+}
+
+/// A generational slab of connection records.
+#[derive(Debug, Default)]
+struct Slab {
+    slots: Vec<(u32, Option<Conn>)>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl Slab {
+    fn insert(&mut self, conn: Conn) -> ConnId {
+        self.len += 1;
+        if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.0 = slot.0.wrapping_add(1);
+            slot.1 = Some(conn);
+            return ConnId {
+                index,
+                generation: slot.0,
+            };
+        }
+        let index = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        self.slots.push((0, Some(conn)));
+        ConnId {
+            index,
+            generation: 0,
+        }
+    }
+
+    fn get(&self, id: ConnId) -> Option<&Conn> {
+        match self.slots.get(id.index as usize) {
+            Some((generation, Some(conn))) if *generation == id.generation => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        match self.slots.get_mut(id.index as usize) {
+            Some((generation, Some(conn))) if *generation == id.generation => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        match self.slots.get_mut(id.index as usize) {
+            Some((generation, slot @ Some(_))) if *generation == id.generation => {
+                self.len -= 1;
+                self.free.push(id.index);
+                slot.take()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Monotonic counters kept by the core.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    packets_in: u64,
+    packets_out: u64,
+    syn_dropped: u64,
+}
+
+/// The state behind the netstack's mutex.
+pub(crate) struct Core {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    cfg: NetstackConfig,
+    base: Instant,
+    /// smoltcp time of the latest poll.
+    now: SmolInstant,
+    rng: StdRng,
+    addresses: Vec<IpAddr>,
+    conns: Slab,
+    tuples: HashMap<Tuple, ConnId>,
+    listeners: HashMap<u16, Listener>,
+    watch: Vec<ConnId>,
+    connect_ports: HashSet<u16>,
+    time_wait: VecDeque<(SmolInstant, Tuple)>,
+    time_wait_set: HashSet<Tuple>,
+    udp_ports: HashMap<u16, SocketHandle>,
+    udp_orphans: Vec<u16>,
+    tcp_sockets: usize,
+    counters: Counters,
+    /// Set by operations that gave smoltcp work; cleared by whoever notifies the driver.
+    pub(crate) wake_driver: bool,
+}
+
+impl Core {
+    /// Builds the interface for `cfg` at time `now`.
+    pub(crate) fn new(cfg: NetstackConfig, now: Instant) -> Result<Self, NetstackError> {
+        cfg.validate()?;
+        let mut free = Vec::new();
+        let mut outbound = VecDeque::new();
+        let mut device = QueueDevice {
+            rx: None,
+            rx_done: None,
+            outbound: &mut outbound,
+            free: &mut free,
+            tx_budget: 0,
+            mtu: cfg.mtu,
+            verify_checksums: cfg.verify_checksums,
+        };
+        let mut iface_cfg = Config::new(HardwareAddress::Ip);
+        iface_cfg.random_seed = cfg.seed;
+        let iface = Interface::new(iface_cfg, &mut device, SmolInstant::ZERO);
+        let addresses = cfg.addresses.clone();
+        let mut core = Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            rng: StdRng::seed_from_u64(cfg.seed ^ 0x5eed_7a11_0de0_0001),
+            cfg,
+            base: now,
+            now: SmolInstant::ZERO,
+            addresses: Vec::new(),
+            conns: Slab::default(),
+            tuples: HashMap::new(),
+            listeners: HashMap::new(),
+            watch: Vec::new(),
+            connect_ports: HashSet::new(),
+            time_wait: VecDeque::new(),
+            time_wait_set: HashSet::new(),
+            udp_ports: HashMap::new(),
+            udp_orphans: Vec::new(),
+            tcp_sockets: 0,
+            counters: Counters::default(),
+            wake_driver: false,
+        };
+        core.set_addresses(addresses)?;
+        Ok(core)
+    }
+
+    /// The node's addresses.
+    pub(crate) fn addresses(&self) -> Vec<IpAddr> {
+        self.addresses.clone()
+    }
+
+    /// Replaces the node's addresses (each as a /32 or /128) and the default routes.
+    ///
+    /// Connections whose local address disappears are closed by smoltcp without an RST.
+    pub(crate) fn set_addresses(&mut self, addrs: Vec<IpAddr>) -> Result<(), NetstackError> {
+        let mut unique: Vec<IpAddr> = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let addr = addr.to_canonical();
+            let valid = match addr {
+                IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+                IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+            };
+            if !valid {
+                return Err(NetstackError::InvalidAddress(addr));
+            }
+            if !unique.contains(&addr) {
+                unique.push(addr);
+            }
+        }
+        if unique.len() > MAX_ADDRESSES {
+            return Err(NetstackError::TooManyAddresses { max: MAX_ADDRESSES });
+        }
+        self.iface.update_ip_addrs(|ips| {
+            ips.clear();
+            for addr in &unique {
+                let prefix = if addr.is_ipv4() { 32 } else { 128 };
+                // Capacity was checked above; a failed push cannot happen.
+                let _ = ips.push(IpCidr::new(IpAddress::from(*addr), prefix));
+            }
+        });
+        // Every destination is off-link: default routes send it to the device, whose next hop
+        // (WireGuard's cryptokey routing) is decided outside the netstack. With Medium::Ip the
+        // gateway address is never resolved; our own address of the family stands in for it.
+        let v4 = unique.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        let v6 = unique.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        let routes = self.iface.routes_mut();
+        routes.update(|r| r.clear());
+        if let Some(gw) = v4 {
+            let _ = routes.add_default_ipv4_route(gw);
+        }
+        if let Some(gw) = v6 {
+            let _ = routes.add_default_ipv6_route(gw);
+        }
+        tracing::info!(addresses = ?unique, "netstack: addresses set");
+        self.addresses = unique;
+        self.wake_driver = true;
+        Ok(())
+    }
+
+    /// Current statistics.
+    pub(crate) fn stats(&self) -> NetstackStats {
+        NetstackStats {
+            tcp_sockets: self.tcp_sockets,
+            tcp_connections: self.conns.len,
+            tcp_listeners: self.listeners.len(),
+            tcp_time_wait: self.time_wait.len(),
+            udp_sockets: self.udp_ports.len(),
+            packets_in: self.counters.packets_in,
+            packets_out: self.counters.packets_out,
+            syn_dropped: self.counters.syn_dropped,
+        }
+    }
+
+    fn smol_instant(&self, now: Instant) -> SmolInstant {
+        let micros = now.saturating_duration_since(self.base).as_micros();
+        SmolInstant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+
+    fn local_address_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == remote.is_ipv4())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Driver side
+    // ---------------------------------------------------------------------------------------
+
+    /// Feeds inbound packets, runs smoltcp, reclaims finished sockets and collects outbound
+    /// packets. Returns the delay until the next poll is needed (`None`: only on new input).
+    pub(crate) fn poll(&mut self, now: Instant, queues: &mut PacketQueues) -> Option<Duration> {
+        let ts = self.smol_instant(now);
+        self.now = ts;
+        self.expire_time_wait(ts);
+
+        let out_before = queues.outbound.len();
+        let mut device = QueueDevice {
+            rx: None,
+            rx_done: None,
+            outbound: &mut queues.outbound,
+            free: &mut queues.free,
+            tx_budget: MAX_OUTBOUND_PER_POLL,
+            mtu: self.cfg.mtu,
+            verify_checksums: self.cfg.verify_checksums,
+        };
+        let mut processed = 0;
+        while processed < MAX_INBOUND_PER_POLL {
+            let Some(packet) = queues.inbound.pop_front() else {
+                break;
+            };
+            processed += 1;
+            self.counters.packets_in += 1;
+            tracing::trace!(len = packet.len(), "netstack: packet in");
+            if self.admit(&packet) == Verdict::Drop {
+                device.free.push(packet);
+                continue;
+            }
+            device.rx = Some(packet);
+            self.iface
+                .poll_ingress_single(ts, &mut device, &mut self.sockets);
+            device.recycle_rx();
+        }
+        while self.iface.poll_egress(ts, &mut device, &mut self.sockets) != PollResult::None {}
+        let budget_exhausted = device.tx_budget == 0;
+
+        let orphan_deadline = self.process_watch(ts);
+        self.process_udp_orphans();
+        let looped = self.loop_back(queues, out_before);
+        let emitted = queues.outbound.len() - out_before;
+        self.counters.packets_out += emitted as u64;
+        // The poll itself handled whatever the applications asked for.
+        self.wake_driver = false;
+
+        if !queues.inbound.is_empty() || budget_exhausted || looped {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.iface.poll_at(ts, &self.sockets);
+        for deadline in [orphan_deadline, self.time_wait.front().map(|(t, _)| *t)]
+            .into_iter()
+            .flatten()
+        {
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        next.map(|at| {
+            if at > ts {
+                Duration::from_micros((at - ts).total_micros())
+            } else {
+                Duration::ZERO
+            }
+        })
+    }
+
+    /// Looks at an inbound packet before smoltcp does: opens LISTEN sockets for SYNs to listened
+    /// ports (or drops the SYN when the backlog is full) and marks connections a FIN or RST is
+    /// addressed to for the reclaim pass.
+    fn admit(&mut self, packet: &[u8]) -> Verdict {
+        let Some(segment) = inspect::tcp_summary(packet) else {
+            return Verdict::Feed;
+        };
+        if segment.is_fin_or_rst()
+            && let Some(&id) = self.tuples.get(&(segment.dst, segment.src))
+        {
+            if let Some(conn) = self.conns.get_mut(id)
+                && segment.is_rst()
+            {
+                conn.rst_seen = true;
+            }
+            self.watch(id);
+        }
+        if segment.is_syn() {
+            return self.admit_syn(&segment);
+        }
+        Verdict::Feed
+    }
+
+    fn admit_syn(&mut self, segment: &TcpSummary) -> Verdict {
+        let port = segment.dst.port();
+        if !self.listeners.contains_key(&port)
+            || !self.addresses.contains(&segment.dst.ip())
+            || self.tuples.contains_key(&(segment.dst, segment.src))
+        {
+            // Not for a listener (smoltcp answers RST unless a socket takes it), not for us
+            // (smoltcp drops it), or a SYN for an accepted connection.
+            return Verdict::Feed;
+        }
+        let mut listening = false;
+        let mut in_progress = 0;
+        let mut i = 0;
+        while let Some(listener) = self.listeners.get(&port)
+            && let Some(&id) = listener.pending.get(i)
+        {
+            let socket = self.conns.get(id).and_then(|c| c.socket);
+            let Some(handle) = socket else {
+                self.drop_pending(port, i);
+                continue;
+            };
+            let sock = self.sockets.get::<tcp::Socket>(handle);
+            match sock.state() {
+                State::Listen => listening = true,
+                State::Closed => {
+                    // Timed out or reset before anyone accepted it.
+                    self.drop_pending(port, i);
+                    continue;
+                }
+                _ => {
+                    if sock.remote_endpoint().map(SocketAddr::from) == Some(segment.src) {
+                        // Retransmitted SYN of a handshake in progress.
+                        return Verdict::Feed;
+                    }
+                    in_progress += 1;
+                }
+            }
+            i += 1;
+        }
+        if listening {
+            return Verdict::Feed;
+        }
+        if in_progress >= self.cfg.listen_backlog || self.tcp_sockets >= self.cfg.max_tcp_sockets {
+            self.counters.syn_dropped += 1;
+            tracing::trace!(%segment.src, port, "netstack: backlog full, dropping SYN");
+            return Verdict::Drop;
+        }
+        let handle = self.add_tcp_socket();
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        sock.set_timeout(Some(to_smol(PENDING_TIMEOUT)));
+        if sock.listen(port).is_err() {
+            // Port is non-zero, the socket is fresh: listen cannot fail.
+            self.remove_tcp_socket(handle);
+            return Verdict::Feed;
+        }
+        let id = self.conns.insert(Conn::new(handle, Owner::Listener(port)));
+        if let Some(listener) = self.listeners.get_mut(&port) {
+            if let Some(waker) = &listener.waker {
+                sock.register_recv_waker(waker);
+            }
+            listener.pending.push(id);
+        }
+        tracing::trace!(port, "netstack: opened LISTEN socket");
+        Verdict::Feed
+    }
+
+    /// Removes the `i`-th pending record of a listener together with its socket.
+    fn drop_pending(&mut self, port: u16, i: usize) {
+        let Some(listener) = self.listeners.get_mut(&port) else {
+            return;
+        };
+        if i >= listener.pending.len() {
+            return;
+        }
+        let id = listener.pending.swap_remove(i);
+        if let Some(conn) = self.conns.remove(id)
+            && let Some(handle) = conn.socket
+        {
+            self.remove_tcp_socket(handle);
+        }
+    }
+
+    fn watch(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id)
+            && !conn.watched
+        {
+            conn.watched = true;
+            self.watch.push(id);
+        }
+    }
+
+    /// Reclaims watched sockets that are done; resets orphans past their deadline or with
+    /// unread data. Returns the earliest orphan deadline still pending.
+    fn process_watch(&mut self, now: SmolInstant) -> Option<SmolInstant> {
+        let mut next = None;
+        let mut i = 0;
+        while let Some(&id) = self.watch.get(i) {
+            if self.check_watched(id, now, &mut next) {
+                i += 1;
+            } else {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.watched = false;
+                }
+                self.watch.swap_remove(i);
+            }
+        }
+        next
+    }
+
+    /// Returns whether `id` must stay watched.
+    fn check_watched(
+        &mut self,
+        id: ConnId,
+        now: SmolInstant,
+        next: &mut Option<SmolInstant>,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
+        let owner = conn.owner;
+        let Some(handle) = conn.socket else {
+            if owner != Owner::App {
+                self.conns.remove(id);
+            }
+            return false;
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        match sock.state() {
+            State::TimeWait => {
+                self.finish(id, true);
+                false
+            }
+            // Closed and nothing left to send (a pending RST clears the endpoint once sent).
+            State::Closed if sock.remote_endpoint().is_none() => {
+                self.finish(id, false);
+                false
+            }
+            State::Listen if owner != Owner::App => {
+                self.finish(id, false);
+                false
+            }
+            _ => {
+                if let Owner::Orphan { deadline } = owner {
+                    if now >= deadline || sock.recv_queue() > 0 {
+                        // Past the close deadline, or data arrived nobody will read: like
+                        // Linux on close() with unread data, reset (RFC 2525 §2.17).
+                        tracing::debug!(?id, "netstack: resetting orphaned connection");
+                        sock.abort();
+                    } else {
+                        *next = Some(next.map_or(deadline, |n: SmolInstant| n.min(deadline)));
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Removes the socket of a finished connection. If the application still holds the record,
+    /// unread data of a clean close is kept for it and the way the connection ended recorded.
+    fn finish(&mut self, id: ConnId, time_wait: bool) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(handle) = conn.socket.take() else {
+            return;
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if time_wait
+            && let (Some(local), Some(remote)) = (sock.local_endpoint(), sock.remote_endpoint())
+        {
+            let tuple = (SocketAddr::from(local), SocketAddr::from(remote));
+            if self.time_wait_set.insert(tuple) {
+                self.time_wait
+                    .push_back((self.now + to_smol(TIME_WAIT), tuple));
+            }
+        }
+        if conn.owner == Owner::App {
+            let mut leftover = std::mem::take(&mut conn.leftover);
+            leftover.clear();
+            while let Ok(n) = sock.recv(|data| {
+                leftover.extend_from_slice(data);
+                (data.len(), data.len())
+            }) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let fin = matches!(sock.recv(|_| (0, ())), Err(RecvError::Finished));
+            let end = if fin {
+                End::Fin
+            } else if conn.rst_seen {
+                End::Reset
+            } else {
+                End::Aborted
+            };
+            if end != End::Fin {
+                leftover = Vec::new();
+            }
+            conn.end = Some(end);
+            conn.leftover = leftover;
+            conn.leftover_pos = 0;
+            tracing::debug!(?id, ?end, "netstack: connection finished");
+        }
+        let tuple = conn.tuple.take();
+        let port = conn.connect_port.take();
+        let remove_record = conn.owner != Owner::App;
+        if let Some(tuple) = tuple {
+            self.tuples.remove(&tuple);
+        }
+        if let Some(port) = port {
+            self.connect_ports.remove(&port);
+        }
+        self.remove_tcp_socket(handle);
+        if remove_record {
+            self.conns.remove(id);
+        }
+    }
+
+    fn expire_time_wait(&mut self, now: SmolInstant) {
+        while let Some(&(deadline, tuple)) = self.time_wait.front() {
+            if deadline > now {
+                break;
+            }
+            self.time_wait.pop_front();
+            self.time_wait_set.remove(&tuple);
+        }
+    }
+
+    fn process_udp_orphans(&mut self) {
+        let mut i = 0;
+        while let Some(&port) = self.udp_orphans.get(i) {
+            let drained = match self.udp_ports.get(&port) {
+                Some(&handle) => self.sockets.get::<udp::Socket>(handle).send_queue() == 0,
+                None => true,
+            };
+            if drained {
+                if let Some(handle) = self.udp_ports.remove(&port) {
+                    self.sockets.remove(handle);
+                }
+                self.udp_orphans.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Moves packets addressed to one of our own addresses from `outbound[from..]` back to
+    /// `inbound`, so the node can reach itself. Returns whether any packet was moved.
+    fn loop_back(&self, queues: &mut PacketQueues, from: usize) -> bool {
+        let mut looped = false;
+        let mut i = from;
+        while let Some(packet) = queues.outbound.get(i) {
+            let ours = inspect::destination(packet).is_some_and(|d| self.addresses.contains(&d));
+            if ours && let Some(packet) = queues.outbound.remove(i) {
+                queues.inbound.push_back(packet);
+                looped = true;
+            } else {
+                i += 1;
+            }
+        }
+        looped
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // TCP sockets
+    // ---------------------------------------------------------------------------------------
+
+    fn add_tcp_socket(&mut self) -> SocketHandle {
+        let rx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_rx_buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_tx_buffer]);
+        let mut sock = tcp::Socket::new(rx, tx);
+        sock.set_nagle_enabled(false);
+        sock.set_ack_delay(self.cfg.tcp_ack_delay.map(to_smol));
+        sock.set_keep_alive(self.cfg.tcp_keep_alive.map(to_smol));
+        sock.set_timeout(self.cfg.tcp_timeout.map(to_smol));
+        self.tcp_sockets += 1;
+        self.sockets.add(sock)
+    }
+
+    fn remove_tcp_socket(&mut self, handle: SocketHandle) {
+        self.sockets.remove(handle);
+        self.tcp_sockets -= 1;
+    }
+
+    fn pick_port(&mut self, local: IpAddr, remote: SocketAddr) -> Option<u16> {
+        let start = self.rng.gen_range(0..EPHEMERAL_COUNT);
+        (0..EPHEMERAL_COUNT)
+            .map(|i| EPHEMERAL_FIRST + (start + i) % EPHEMERAL_COUNT)
+            .find(|&port| {
+                !self.connect_ports.contains(&port)
+                    && !self.listeners.contains_key(&port)
+                    && !self
+                        .time_wait_set
+                        .contains(&(SocketAddr::new(local, port), remote))
+            })
+    }
+
+    /// Starts an active open towards `remote` from an ephemeral port.
+    pub(crate) fn connect_start(&mut self, remote: SocketAddr) -> Result<ConnId, ConnectError> {
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        let ip = remote.ip();
+        let unusable = match ip {
+            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+        };
+        if unusable || remote.port() == 0 {
+            return Err(ConnectError::InvalidAddress(remote));
+        }
+        let local_ip = self.local_address_for(ip).ok_or(ConnectError::NoAddress)?;
+        if self.tcp_sockets >= self.cfg.max_tcp_sockets {
+            return Err(ConnectError::TooManySockets);
+        }
+        let port = self
+            .pick_port(local_ip, remote)
+            .ok_or(ConnectError::NoFreePort)?;
+        let local = SocketAddr::new(local_ip, port);
+        let handle = self.add_tcp_socket();
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if sock
+            .connect(
+                self.iface.context(),
+                IpEndpoint::from(remote),
+                IpEndpoint::from(local),
+            )
+            .is_err()
+        {
+            self.remove_tcp_socket(handle);
+            return Err(ConnectError::InvalidAddress(remote));
+        }
+        let mut conn = Conn::new(handle, Owner::App);
+        conn.tuple = Some((local, remote));
+        conn.connect_port = Some(port);
+        let id = self.conns.insert(conn);
+        self.tuples.insert((local, remote), id);
+        self.connect_ports.insert(port);
+        self.wake_driver = true;
+        tracing::debug!(%local, %remote, "netstack: connecting");
+        Ok(id)
+    }
+
+    /// Completes when the handshake of `id` finished: the connection's (local, remote).
+    pub(crate) fn connect_poll(
+        &mut self,
+        id: ConnId,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Tuple, ConnectError>> {
+        let Some(conn) = self.conns.get(id) else {
+            return Poll::Ready(Err(ConnectError::TimedOut));
+        };
+        let failed = if conn.rst_seen || conn.end == Some(End::Reset) {
+            ConnectError::Refused
+        } else {
+            ConnectError::TimedOut
+        };
+        let (Some(handle), Some(tuple)) = (conn.socket, conn.tuple) else {
+            return Poll::Ready(Err(failed));
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        match sock.state() {
+            State::SynSent | State::SynReceived => {
+                sock.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            State::Closed | State::Listen | State::TimeWait => Poll::Ready(Err(failed)),
+            _ => Poll::Ready(Ok(tuple)),
+        }
+    }
+
+    /// The application lets go of `id` (stream or connect attempt dropped, or `abort`).
+    /// Graceful: FIN after queued data, unless unread data is pending (then RST).
+    pub(crate) fn release(&mut self, id: ConnId, graceful: bool) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(handle) = conn.socket else {
+            self.conns.remove(id);
+            return;
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if graceful && sock.recv_queue() == 0 {
+            sock.close();
+            conn.shut_wr = true;
+        } else {
+            sock.abort();
+        }
+        conn.owner = Owner::Orphan {
+            deadline: self.now + to_smol(self.cfg.orphan_timeout),
+        };
+        self.watch(id);
+        self.wake_driver = true;
+    }
+
+    /// Reads from `id` into `buf`.
+    pub(crate) fn tcp_read(
+        &mut self,
+        id: ConnId,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(handle) = conn.socket else {
+            let rest = &conn.leftover[conn.leftover_pos.min(conn.leftover.len())..];
+            if !rest.is_empty() {
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(&rest[..n]);
+                conn.leftover_pos += n;
+                if conn.leftover_pos >= conn.leftover.len() {
+                    conn.leftover = Vec::new();
+                    conn.leftover_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            return Poll::Ready(match conn.end {
+                Some(End::Fin) | None => Ok(()),
+                _ => Err(conn.broken(false)),
+            });
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let capacity = sock.recv_capacity();
+        let window_before = capacity - sock.recv_queue();
+        let mut read = 0;
+        let mut outcome = None;
+        while buf.remaining() > 0 {
+            match sock.recv(|data| {
+                let n = data.len().min(buf.remaining());
+                buf.put_slice(&data[..n]);
+                (n, n)
+            }) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(RecvError::Finished) => {
+                    outcome = Some(Ok(()));
+                    break;
+                }
+                Err(RecvError::InvalidState) => {
+                    outcome = Some(Err(()));
+                    break;
+                }
+            }
+        }
+        if read > 0 {
+            // smoltcp announces a reopened window only when it at least doubled; if the window
+            // was below half the buffer, this read may be what the sender is waiting for.
+            if window_before < capacity / 2 {
+                self.wake_driver = true;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match outcome {
+            Some(Ok(())) => Poll::Ready(Ok(())),
+            Some(Err(())) if !matches!(sock.state(), State::SynSent | State::SynReceived) => {
+                Poll::Ready(Err(conn.broken(false)))
+            }
+            _ => {
+                sock.register_recv_waker(cx.waker());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Queues `data` for sending on `id`.
+    pub(crate) fn tcp_write(
+        &mut self,
+        id: ConnId,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let Some(handle) = conn.socket else {
+            return Poll::Ready(Err(conn.broken(true)));
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if !sock.may_send() {
+            if matches!(sock.state(), State::SynSent | State::SynReceived) {
+                sock.register_send_waker(cx.waker());
+                return Poll::Pending;
+            }
+            return Poll::Ready(Err(conn.broken(true)));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        match sock.send_slice(data) {
+            Ok(0) => {
+                sock.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            Ok(n) => {
+                self.wake_driver = true;
+                Poll::Ready(Ok(n))
+            }
+            Err(_) => Poll::Ready(Err(conn.broken(true))),
+        }
+    }
+
+    /// Closes the sending half of `id` (FIN after the queued data).
+    pub(crate) fn tcp_shutdown(&mut self, id: ConnId) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let Some(handle) = conn.socket else {
+            return match conn.end {
+                Some(End::Reset) => Err(io::ErrorKind::ConnectionReset.into()),
+                _ => Ok(()),
+            };
+        };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if sock.state() == State::Closed && conn.rst_seen {
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        sock.close();
+        conn.shut_wr = true;
+        self.watch(id);
+        self.wake_driver = true;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Listeners
+    // ---------------------------------------------------------------------------------------
+
+    /// Starts accepting connections to `port` on all our addresses.
+    pub(crate) fn listen(&mut self, port: u16) -> Result<(), ListenError> {
+        if port == 0 {
+            return Err(ListenError::PortZero);
+        }
+        if self.listeners.contains_key(&port) {
+            return Err(ListenError::InUse(port));
+        }
+        self.listeners.insert(
+            port,
+            Listener {
+                pending: Vec::new(),
+                waker: None,
+            },
+        );
+        tracing::info!(port, "netstack: listening");
+        Ok(())
+    }
+
+    /// Stops listening on `port`; connections not yet accepted are reset.
+    pub(crate) fn unlisten(&mut self, port: u16) {
+        let Some(listener) = self.listeners.remove(&port) else {
+            return;
+        };
+        for id in listener.pending {
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if let Some(handle) = conn.socket {
+                let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+                sock.abort();
+                conn.owner = Owner::Orphan { deadline: self.now };
+                self.watch(id);
+            } else {
+                self.conns.remove(id);
+            }
+        }
+        self.wake_driver = true;
+        tracing::info!(port, "netstack: stopped listening");
+    }
+
+    /// Takes an established connection from the listener on `port`.
+    pub(crate) fn accept_poll(
+        &mut self,
+        port: u16,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(ConnId, Tuple)>> {
+        let mut i = 0;
+        loop {
+            let Some(listener) = self.listeners.get_mut(&port) else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            let Some(&id) = listener.pending.get(i) else {
+                listener.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            let Some(handle) = self.conns.get(id).and_then(|c| c.socket) else {
+                self.drop_pending(port, i);
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            match sock.state() {
+                State::Listen | State::SynReceived => {
+                    sock.register_recv_waker(cx.waker());
+                    i += 1;
+                }
+                State::Closed | State::TimeWait => self.drop_pending(port, i),
+                _ => {
+                    let (Some(local), Some(remote)) =
+                        (sock.local_endpoint(), sock.remote_endpoint())
+                    else {
+                        self.drop_pending(port, i);
+                        continue;
+                    };
+                    sock.set_timeout(self.cfg.tcp_timeout.map(to_smol));
+                    let tuple = (SocketAddr::from(local), SocketAddr::from(remote));
+                    listener.pending.swap_remove(i);
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        conn.owner = Owner::App;
+                        conn.tuple = Some(tuple);
+                    }
+                    self.tuples.insert(tuple, id);
+                    tracing::debug!(local = %tuple.0, remote = %tuple.1, "netstack: accepted");
+                    return Poll::Ready(Ok((id, tuple)));
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // UDP sockets
+    // ---------------------------------------------------------------------------------------
+
+    /// Binds a UDP socket to `port` (an ephemeral port if `None` or 0) on all our addresses.
+    pub(crate) fn udp_bind(
+        &mut self,
+        port: Option<u16>,
+    ) -> Result<(SocketHandle, u16), UdpBindError> {
+        if self.udp_ports.len() >= self.cfg.max_udp_sockets {
+            return Err(UdpBindError::TooManySockets);
+        }
+        let port = match port {
+            Some(p) if p != 0 => {
+                if self.udp_ports.contains_key(&p) {
+                    return Err(UdpBindError::InUse(p));
+                }
+                p
+            }
+            _ => {
+                let start = self.rng.gen_range(0..EPHEMERAL_COUNT);
+                (0..EPHEMERAL_COUNT)
+                    .map(|i| EPHEMERAL_FIRST + (start + i) % EPHEMERAL_COUNT)
+                    .find(|p| !self.udp_ports.contains_key(p))
+                    .ok_or(UdpBindError::NoFreePort)?
+            }
+        };
+        let buffer = || {
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; self.cfg.udp_buffer_packets],
+                vec![0u8; self.cfg.udp_buffer_bytes],
+            )
+        };
+        let mut sock = udp::Socket::new(buffer(), buffer());
+        if sock.bind(port).is_err() {
+            return Err(UdpBindError::InUse(port));
+        }
+        let handle = self.sockets.add(sock);
+        self.udp_ports.insert(port, handle);
+        tracing::debug!(port, "netstack: UDP socket bound");
+        Ok((handle, port))
+    }
+
+    /// Queues one datagram to `target`.
+    pub(crate) fn udp_send(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        let target = SocketAddr::new(target.ip().to_canonical(), target.port());
+        if target.port() == 0 || target.ip().is_unspecified() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unspecified UDP destination",
+            )));
+        }
+        let Some(local) = self.local_address_for(target.ip()) else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "no local address of the destination's family",
+            )));
+        };
+        let ip_header = if target.is_ipv4() { 20 } else { 40 };
+        let max = self.cfg.mtu - ip_header - 8;
+        if data.len() > max {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "datagram of {} bytes exceeds the {max}-byte limit of the tunnel MTU",
+                    data.len()
+                ),
+            )));
+        }
+        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        let mut meta = udp::UdpMetadata::from(IpEndpoint::from(target));
+        meta.local_address = Some(IpAddress::from(local));
+        match sock.send_slice(data, meta) {
+            Ok(()) => {
+                self.wake_driver = true;
+                Poll::Ready(Ok(data.len()))
+            }
+            Err(udp::SendError::BufferFull) => {
+                sock.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+            Err(udp::SendError::Unaddressable) => {
+                Poll::Ready(Err(io::ErrorKind::InvalidInput.into()))
+            }
+        }
+    }
+
+    /// Takes one received datagram; a datagram longer than `buf` is truncated.
+    pub(crate) fn udp_recv(
+        &mut self,
+        handle: SocketHandle,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        match sock.recv() {
+            Ok((data, meta)) => {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                Poll::Ready(Ok((n, SocketAddr::from(meta.endpoint))))
+            }
+            Err(_) => {
+                sock.register_recv_waker(cx.waker());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Closes the UDP socket on `port` once its queued datagrams are sent.
+    pub(crate) fn udp_close(&mut self, port: u16) {
+        let Some(&handle) = self.udp_ports.get(&port) else {
+            return;
+        };
+        if self.sockets.get::<udp::Socket>(handle).send_queue() == 0 {
+            self.udp_ports.remove(&port);
+            self.sockets.remove(handle);
+        } else {
+            self.udp_orphans.push(port);
+            self.wake_driver = true;
+        }
+    }
+}
+
+fn to_smol(d: Duration) -> SmolDuration {
+    SmolDuration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}

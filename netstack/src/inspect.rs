@@ -1,0 +1,263 @@
+//! A minimal, allocation-free look at inbound IP packets before smoltcp sees them.
+//!
+//! The netstack needs three facts about an inbound TCP segment before the interface processes
+//! it: the 4-tuple and the SYN/FIN/RST/ACK flags (RFC 9293 §3.1). SYNs to a listened port may need
+//! a fresh LISTEN socket; FINs and RSTs mark a connection for the post-poll reclaim pass. This
+//! parser reads just enough of the IPv4 (RFC 791) or IPv6 (RFC 8200) header to find the TCP
+//! header; everything it cannot classify is handed to smoltcp unchanged, which validates it fully
+//! (checksums, lengths) and drops what is malformed.
+//!
+//! IPv4 fragments and IPv6 packets with extension headers are not classified (smoltcp does not
+//! reassemble them either, see the crate docs).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// TCP FIN flag.
+pub(crate) const FIN: u8 = 0x01;
+/// TCP SYN flag.
+pub(crate) const SYN: u8 = 0x02;
+/// TCP RST flag.
+pub(crate) const RST: u8 = 0x04;
+/// TCP ACK flag.
+pub(crate) const ACK: u8 = 0x10;
+
+const PROTO_TCP: u8 = 6;
+const IPV4_MIN_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+/// Bytes of the TCP header we need: ports (4), seq (4), ack (4), offset (1), flags (1).
+const TCP_PREFIX: usize = 14;
+
+/// The parts of a TCP segment the netstack acts on before smoltcp processes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpSummary {
+    /// Source address and port (the remote end of the connection).
+    pub src: SocketAddr,
+    /// Destination address and port (our end).
+    pub dst: SocketAddr,
+    /// The TCP flags byte (FIN, SYN, RST, PSH, ACK, URG, ECE, CWR).
+    pub flags: u8,
+}
+
+impl TcpSummary {
+    /// Whether this segment opens a connection: SYN without ACK or RST.
+    pub(crate) fn is_syn(&self) -> bool {
+        self.flags & (SYN | ACK | RST) == SYN
+    }
+
+    /// Whether this segment may end a connection (FIN or RST).
+    pub(crate) fn is_fin_or_rst(&self) -> bool {
+        self.flags & (FIN | RST) != 0
+    }
+
+    /// Whether this segment is a reset.
+    pub(crate) fn is_rst(&self) -> bool {
+        self.flags & RST != 0
+    }
+}
+
+/// Classifies an IP packet as a TCP segment, or returns `None` for anything else (other
+/// protocols, fragments, extension headers, truncated or garbage input).
+pub(crate) fn tcp_summary(packet: &[u8]) -> Option<TcpSummary> {
+    let version = packet.first()? >> 4;
+    let (src_ip, dst_ip, tcp): (IpAddr, IpAddr, &[u8]) = match version {
+        4 => {
+            if packet.len() < IPV4_MIN_HEADER {
+                return None;
+            }
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            if header_len < IPV4_MIN_HEADER || total_len < header_len || total_len > packet.len() {
+                return None;
+            }
+            // More-fragments flag or a non-zero fragment offset: not a whole segment.
+            let frag = u16::from_be_bytes([packet[6], packet[7]]);
+            if frag & 0x3fff != 0 || packet[9] != PROTO_TCP {
+                return None;
+            }
+            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            (src.into(), dst.into(), &packet[header_len..total_len])
+        }
+        6 => {
+            if packet.len() < IPV6_HEADER || packet[6] != PROTO_TCP {
+                return None;
+            }
+            let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+            let end = IPV6_HEADER.checked_add(payload_len)?;
+            if end > packet.len() {
+                return None;
+            }
+            let src = ipv6_at(packet, 8)?;
+            let dst = ipv6_at(packet, 24)?;
+            (src.into(), dst.into(), &packet[IPV6_HEADER..end])
+        }
+        _ => return None,
+    };
+    if tcp.len() < TCP_PREFIX {
+        return None;
+    }
+    let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    Some(TcpSummary {
+        src: SocketAddr::new(src_ip, src_port),
+        dst: SocketAddr::new(dst_ip, dst_port),
+        flags: tcp[13],
+    })
+}
+
+/// The destination address of an IP packet, if the header is long enough to hold one.
+pub(crate) fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= IPV4_MIN_HEADER => {
+            Some(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]).into())
+        }
+        6 => ipv6_at(packet, 24).map(IpAddr::from),
+        _ => None,
+    }
+}
+
+fn ipv6_at(packet: &[u8], offset: usize) -> Option<Ipv6Addr> {
+    let bytes: [u8; 16] = packet.get(offset..offset + 16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(bytes))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl,
+        TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+
+    fn segment(src: SocketAddr, dst: SocketAddr, control: TcpControl, ack: bool) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: ack.then_some(TcpSeqNumber(5)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: b"hello",
+        };
+        let ip = IpRepr::new(
+            IpAddress::from(src.ip()),
+            IpAddress::from(dst.ip()),
+            IpProtocol::Tcp,
+            tcp.buffer_len(),
+            64,
+        );
+        let mut buf = vec![0u8; ip.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        match ip {
+            IpRepr::Ipv4(v4) => {
+                let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+                Ipv4Repr::emit(&v4, &mut p, &caps);
+                let mut t = TcpPacket::new_unchecked(p.payload_mut());
+                tcp.emit(&mut t, &ip.src_addr(), &ip.dst_addr(), &caps);
+            }
+            IpRepr::Ipv6(v6) => {
+                let mut p = Ipv6Packet::new_unchecked(&mut buf[..]);
+                Ipv6Repr::emit(&v6, &mut p);
+                let mut t = TcpPacket::new_unchecked(p.payload_mut());
+                tcp.emit(&mut t, &ip.src_addr(), &ip.dst_addr(), &caps);
+            }
+        }
+        buf
+    }
+
+    #[test]
+    fn classifies_ipv4_syn() {
+        let src: SocketAddr = "100.64.0.2:50000".parse().unwrap();
+        let dst: SocketAddr = "100.64.0.1:80".parse().unwrap();
+        let pkt = segment(src, dst, TcpControl::Syn, false);
+        let s = tcp_summary(&pkt).unwrap();
+        assert_eq!((s.src, s.dst), (src, dst));
+        assert!(s.is_syn());
+        assert!(!s.is_fin_or_rst());
+        assert_eq!(destination(&pkt), Some(dst.ip()));
+    }
+
+    #[test]
+    fn classifies_ipv6_rst_and_fin() {
+        let src: SocketAddr = "[fd7a:115c:a1e0::2]:50000".parse().unwrap();
+        let dst: SocketAddr = "[fd7a:115c:a1e0::1]:443".parse().unwrap();
+        let rst = tcp_summary(&segment(src, dst, TcpControl::Rst, true)).unwrap();
+        assert!(rst.is_rst() && rst.is_fin_or_rst() && !rst.is_syn());
+        let fin = tcp_summary(&segment(src, dst, TcpControl::Fin, true)).unwrap();
+        assert!(!fin.is_rst() && fin.is_fin_or_rst());
+        assert_eq!((fin.src, fin.dst), (src, dst));
+        let synack = tcp_summary(&segment(src, dst, TcpControl::Syn, true)).unwrap();
+        assert!(!synack.is_syn(), "SYN|ACK does not open a connection");
+    }
+
+    #[test]
+    fn rejects_fragments_and_truncation() {
+        let src: SocketAddr = "100.64.0.2:50000".parse().unwrap();
+        let dst: SocketAddr = "100.64.0.1:80".parse().unwrap();
+        let mut pkt = segment(src, dst, TcpControl::Syn, false);
+        pkt[6] |= 0x20; // more fragments
+        assert_eq!(tcp_summary(&pkt), None);
+        let pkt = segment(src, dst, TcpControl::Syn, false);
+        assert_eq!(tcp_summary(&pkt[..30]), None);
+        assert_eq!(tcp_summary(&[]), None);
+        assert_eq!(tcp_summary(&[0x45]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = tcp_summary(&bytes);
+            let _ = destination(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_mutated_segments(
+            v6 in any::<bool>(),
+            flips in proptest::collection::vec((0usize..80, any::<u8>()), 0..8),
+            cut in 0usize..100,
+        ) {
+            let (src, dst): (SocketAddr, SocketAddr) = if v6 {
+                ("[fd7a:115c:a1e0::2]:1".parse().unwrap(), "[fd7a:115c:a1e0::1]:2".parse().unwrap())
+            } else {
+                ("100.64.0.2:1".parse().unwrap(), "100.64.0.1:2".parse().unwrap())
+            };
+            let mut pkt = segment(src, dst, TcpControl::Syn, false);
+            for (at, value) in flips {
+                if let Some(b) = pkt.get_mut(at) { *b = value; }
+            }
+            pkt.truncate(cut);
+            if let Some(s) = tcp_summary(&pkt) {
+                // Whatever it reports lies inside the buffer it was given.
+                prop_assert!(pkt.len() >= 34);
+                prop_assert_eq!(s.src.is_ipv4(), s.dst.is_ipv4());
+            }
+        }
+
+        #[test]
+        fn round_trips_well_formed_segments(
+            sport in 1u16.., dport in 1u16.., fin in any::<bool>(), v6 in any::<bool>(),
+        ) {
+            let (src, dst): (SocketAddr, SocketAddr) = if v6 {
+                (SocketAddr::new("fd7a:115c:a1e0::2".parse().unwrap(), sport),
+                 SocketAddr::new("fd7a:115c:a1e0::1".parse().unwrap(), dport))
+            } else {
+                (SocketAddr::new("100.64.0.2".parse().unwrap(), sport),
+                 SocketAddr::new("100.64.0.1".parse().unwrap(), dport))
+            };
+            let control = if fin { TcpControl::Fin } else { TcpControl::Syn };
+            let s = tcp_summary(&segment(src, dst, control, fin)).unwrap();
+            prop_assert_eq!(s.src, src);
+            prop_assert_eq!(s.dst, dst);
+            prop_assert_eq!(s.is_syn(), !fin);
+            prop_assert_eq!(s.is_fin_or_rst(), fin);
+        }
+    }
+}
