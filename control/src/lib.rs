@@ -1,1 +1,3 @@
-//! placeholder
+//! The control plane of tailnode (being written): the coordination protocol,
+//! the coordinator server and the controller client.
+pub mod proto;
