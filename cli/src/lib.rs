@@ -1,1 +1,28 @@
-//! tailnode library
+//! tailnode: a userspace tailnet node.
+//!
+//! It joins a WireGuard network without a TUN device and without privileges:
+//! a smoltcp TCP/IP stack inside the process ([`tailnode_netstack`])
+//! terminates the tailnet's traffic, a boringtun-based engine
+//! ([`tailnode_wg`]) turns it into WireGuard datagrams on an ordinary UDP
+//! socket, and local programs reach the tailnet through a SOCKS5 proxy and
+//! port forwards; tailnet peers reach local services through exposed ports.
+//!
+//! # Layout
+//!
+//! - [`node`]: the engine, the netstack and the UDP socket wired together by
+//!   one packet task, and the [`node::NodeHandle`] that changes peers at run time.
+//! - [`socks5`]: the SOCKS5 server (RFC 1928/1929), generic over a [`socks5::Dialer`].
+//! - [`dialer`]: the node's dialer: tailnet, direct from the host, or refused.
+//! - [`forward`] and [`expose`]: local → tailnet and tailnet → local TCP.
+//! - [`relay`] and [`stream`]: the byte relay and stream type every proxy path shares.
+//! - [`up`] and [`demo`]: the `tailnode up` and `tailnode demo` commands.
+
+pub mod demo;
+pub mod dialer;
+pub mod expose;
+pub mod forward;
+pub mod node;
+pub mod relay;
+pub mod socks5;
+pub mod stream;
+pub mod up;

@@ -1,1 +1,135 @@
-fn main() {}
+//! The `tailnode` command.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tailnode::up::{ConfigProblem, UpArgs, run_up};
+use tailnode_wg::PrivateKey;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// A userspace tailnet node: WireGuard without TUN or privileges, reached
+/// through SOCKS5 and port forwards.
+#[derive(Debug, Parser)]
+#[command(name = "tailnode", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a new base64 private key (like `wg genkey`).
+    Keygen,
+    /// Read a private key on stdin and print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Join the network described by a WireGuard config and serve the proxies.
+    Up(UpArgs),
+    /// Two nodes in one process, an HTTP service exposed on one, SOCKS5 on the other.
+    Demo {
+        /// SOCKS5 listen address of the first node.
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        socks5: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen => {
+            println!("{}", PrivateKey::generate().to_base64());
+            ExitCode::SUCCESS
+        }
+        Command::Pubkey => pubkey(),
+        Command::Up(args) => run_async(|cancel| run_up(args, cancel)),
+        Command::Demo { socks5 } => run_async(|cancel| tailnode::demo::run_demo(socks5, cancel)),
+    }
+}
+
+fn pubkey() -> ExitCode {
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+        eprintln!("tailnode pubkey: cannot read stdin: {e}");
+        return ExitCode::from(1);
+    }
+    match text.trim().parse::<PrivateKey>() {
+        Ok(key) => {
+            println!("{}", key.public_key());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tailnode pubkey: invalid private key: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs `f` on a multi-threaded runtime with SIGINT/SIGTERM wired to its
+/// cancellation token; maps configuration problems to exit code 2.
+fn run_async<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tailnode: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let signals = cancel.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received, stopping");
+            signals.cancel();
+        });
+        f(cancel).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tailnode: {e:#}");
+            if e.downcast_ref::<ConfigProblem>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Network namespaces for tests, and a foreign WireGuard peer (wireguard-go
+//! on a TUN device) inside one.
+//!
+//! Layout for slot `N` (1..=200; every test uses its own slot):
+//!
+//! ```text
+//!  root namespace                       namespace tn<pid>-N
+//!  veth tnh<id>  198.18.N.1/30  <====>  veth tnp<id> 198.18.N.2/30
+//!  tailnode (UDP on all addresses)      wireguard-go tnwg<id>, UDP :51820
+//!  tailnet 100.64.N.1, fd7a:115c:a1e0:N::1   tailnet 100.64.N.2/24, fd7a:115c:a1e0:N::2/64
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tailnode_wg::{PrivateKey, PublicKey};
+
+use crate::process::{Proc, TempDir};
+
+/// Panics with a clear message unless the test can create namespaces.
+pub fn require_root() {
+    let uid = Command::new("id").arg("-u").output().expect("run id -u");
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+    assert_eq!(
+        uid, "0",
+        "this test creates network namespaces and needs root (CI runs as root; run scripts/test.sh)"
+    );
+    for tool in ["ip", "wg", "wireguard-go", "ping"] {
+        assert!(
+            which(tool),
+            "{tool} not found: run scripts/test.sh, which installs the test dependencies"
+        );
+    }
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and returns its output whatever the status.
+pub fn run_unchecked(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let _ = run_unchecked(&["ip", "netns", "del", name]);
+        run(&["ip", "netns", "add", name]);
+        run(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        Self {
+            name: name.to_string(),
+        }
+    }
+
+    /// `ip netns exec NAME args...`, checked.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// `ip netns exec NAME args...`, unchecked.
+    pub fn exec_unchecked(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run_unchecked(&full)
+    }
+
+    /// Starts a long-running process inside the namespace.
+    pub fn spawn(&self, name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
+        let mut full = vec![
+            "netns".to_string(),
+            "exec".to_string(),
+            self.name.clone(),
+            program.display().to_string(),
+        ];
+        full.extend_from_slice(args);
+        Proc::spawn(name, Path::new("ip"), &full, &[], log.to_path_buf())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run_unchecked(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A veth pair with one end moved into a namespace; deleted on drop.
+pub struct Veth {
+    host_if: String,
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = run_unchecked(&["ip", "link", "del", &self.host_if]);
+    }
+}
+
+/// Addresses of a test slot (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Slot(pub u8);
+
+impl Slot {
+    pub fn host_underlay(&self) -> IpAddr {
+        format!("198.18.{}.1", self.0).parse().unwrap()
+    }
+    pub fn ns_underlay(&self) -> IpAddr {
+        format!("198.18.{}.2", self.0).parse().unwrap()
+    }
+    pub fn node_v4(&self) -> String {
+        format!("100.64.{}.1", self.0)
+    }
+    pub fn node_v6(&self) -> String {
+        format!("fd7a:115c:a1e0:{}::1", self.0)
+    }
+    pub fn peer_v4(&self) -> String {
+        format!("100.64.{}.2", self.0)
+    }
+    pub fn peer_v6(&self) -> String {
+        format!("fd7a:115c:a1e0:{}::2", self.0)
+    }
+    fn id(&self) -> String {
+        format!("{}{}", std::process::id() % 100_000, self.0)
+    }
+}
+
+/// wireguard-go on a TUN device in its own namespace, peered with one node.
+pub struct WireguardGo {
+    pub slot: Slot,
+    pub netns: Netns,
+    _veth: Veth,
+    pub iface: String,
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+    _proc: Proc,
+}
+
+impl WireguardGo {
+    /// Sets up the namespace, the veth link and wireguard-go, with `node` as
+    /// its only peer (reachable at `node_endpoint`, if given).
+    pub fn start(
+        slot: Slot,
+        dir: &TempDir,
+        node: PublicKey,
+        node_endpoint: Option<SocketAddr>,
+    ) -> Self {
+        require_root();
+        let id = slot.id();
+        let netns = Netns::new(&format!("tn{id}"));
+        let host_if = format!("tnh{id}");
+        let ns_if = format!("tnp{id}");
+        let _ = run_unchecked(&["ip", "link", "del", &host_if]);
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        let veth = Veth {
+            host_if: host_if.clone(),
+        };
+        run(&["ip", "link", "set", &ns_if, "netns", &netns.name]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", slot.host_underlay()),
+            "dev",
+            &host_if,
+        ]);
+        run(&["ip", "link", "set", &host_if, "up"]);
+        netns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", slot.ns_underlay()),
+            "dev",
+            &ns_if,
+        ]);
+        netns.exec(&["ip", "link", "set", &ns_if, "up"]);
+
+        let iface = format!("tnwg{id}");
+        let sock = format!("/var/run/wireguard/{iface}.sock");
+        let _ = std::fs::remove_file(&sock);
+        let proc = netns.spawn(
+            "wireguard-go",
+            Path::new("wireguard-go"),
+            &["-f".to_string(), iface.clone()],
+            &dir.path().join(format!("wireguard-go-{id}.log")),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Path::new(&sock).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {sock}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key = PrivateKey::generate();
+        let key_file = dir.write(&format!("wggo-{id}.key"), &key.to_base64());
+        let listen_port = 51820u16;
+        let allowed = format!("{}/32,{}/128", slot.node_v4(), slot.node_v6());
+        let mut wg_args = vec![
+            "wg".to_string(),
+            "set".to_string(),
+            iface.clone(),
+            "private-key".to_string(),
+            key_file.display().to_string(),
+            "listen-port".to_string(),
+            listen_port.to_string(),
+            "peer".to_string(),
+            node.to_base64(),
+            "allowed-ips".to_string(),
+            allowed,
+        ];
+        if let Some(ep) = node_endpoint {
+            wg_args.push("endpoint".to_string());
+            wg_args.push(ep.to_string());
+        }
+        let refs: Vec<&str> = wg_args.iter().map(String::as_str).collect();
+        netns.exec(&refs);
+        netns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", slot.peer_v4()),
+            "dev",
+            &iface,
+        ]);
+        netns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/64", slot.peer_v6()),
+            "dev",
+            &iface,
+        ]);
+        netns.exec(&["ip", "link", "set", "mtu", "1420", "up", "dev", &iface]);
+        Self {
+            slot,
+            netns,
+            _veth: veth,
+            iface,
+            public_key: key.public_key(),
+            listen_port,
+            _proc: proc,
+        }
+    }
+
+    /// The UDP endpoint our node should use.
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.slot.ns_underlay(), self.listen_port)
+    }
+
+    /// `wg show IFACE dump` output, for diagnostics.
+    pub fn dump(&self) -> String {
+        let out = self
+            .netns
+            .exec_unchecked(&["wg", "show", &self.iface, "dump"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
