@@ -2,12 +2,17 @@
 //! one driver task, no WireGuard. This is the ceiling the tunnel can reach.
 //!
 //! `cargo bench -p tailnode-netstack --bench throughput`
+//!
+//! Tuning knobs (environment, applied to both stacks): `NETSTACK_ACK_DELAY_US` (delayed-ACK
+//! timeout, unset = the default), `NETSTACK_RX_BUF` / `NETSTACK_TX_BUF` (bytes),
+//! `NETSTACK_VERIFY_CHECKSUMS=1`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tailnode_netstack::NetstackConfig;
 use tailnode_netstack::testing::{B_V4, Pair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,6 +24,29 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+fn tuned(config: NetstackConfig) -> NetstackConfig {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut config = config;
+    if let Some(us) = var("NETSTACK_ACK_DELAY_US") {
+        config.tcp_ack_delay = (us > 0).then(|| Duration::from_micros(us));
+    }
+    if let Some(n) = var("NETSTACK_RX_BUF") {
+        config.tcp_rx_buffer = n as usize;
+    }
+    if let Some(n) = var("NETSTACK_TX_BUF") {
+        config.tcp_tx_buffer = n as usize;
+    }
+    if var("NETSTACK_VERIFY_CHECKSUMS") == Some(1) {
+        config.verify_checksums = true;
+    }
+    config
+}
+
+fn start_pair() -> Pair {
+    let (a, b) = Pair::configs();
+    Pair::with_configs(tuned(a), tuned(b)).unwrap()
 }
 
 /// Sends `BULK` bytes over one connection; returns the time from first write to last read.
@@ -53,7 +81,7 @@ async fn bulk_once(pair: &Pair, port: u16) -> Duration {
 
 fn bench_bulk(c: &mut Criterion) {
     let rt = runtime();
-    let pair = rt.block_on(async { Pair::start().unwrap() });
+    let pair = rt.block_on(async { start_pair() });
     let mut group = c.benchmark_group("netstack");
     group.throughput(Throughput::Bytes(BULK as u64));
     group.sample_size(10);
@@ -77,7 +105,7 @@ fn bench_bulk(c: &mut Criterion) {
 
 fn bench_rr(c: &mut Criterion) {
     let rt = runtime();
-    let pair = rt.block_on(async { Pair::start().unwrap() });
+    let pair = rt.block_on(async { start_pair() });
     let (mut client, server) = rt.block_on(async {
         let listener = pair.b.listen(7).unwrap();
         let to = SocketAddr::new(B_V4.into(), 7);
