@@ -9,8 +9,10 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+pub mod inproc;
 pub mod netns;
 pub mod process;
+pub mod relay;
 pub mod transfer;
 
 use std::net::SocketAddr;

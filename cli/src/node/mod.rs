@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use tailnode_netstack::{Netstack, NetstackConfig};
 use tailnode_wg::{
-    Engine, EngineConfig, PeerChange, PeerConfig, PeerError, PeerStats, PrivateKey, PublicKey,
+    Engine, EngineConfig, EngineStats, PeerChange, PeerConfig, PeerError, PeerStats, PrivateKey,
+    PublicKey,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -143,6 +144,7 @@ pub(crate) enum Command {
     Remove(PublicKey, oneshot::Sender<bool>),
     Reset(PublicKey, oneshot::Sender<bool>),
     Peers(oneshot::Sender<Vec<PeerStats>>),
+    EngineStats(oneshot::Sender<EngineStats>),
     Route(IpAddr, oneshot::Sender<Route>),
 }
 
@@ -171,6 +173,9 @@ impl Command {
             }
             Command::Peers(reply) => {
                 let _ = reply.send(engine.peers(now));
+            }
+            Command::EngineStats(reply) => {
+                let _ = reply.send(engine.stats().clone());
             }
             Command::Route(ip, reply) => {
                 let route = if addresses.contains(&ip) {
@@ -365,6 +370,14 @@ impl NodeHandle {
     /// [`NodeStopped`] once the node has shut down.
     pub async fn peers(&self) -> Result<Vec<PeerStats>, NodeStopped> {
         self.ask(Command::Peers).await
+    }
+
+    /// The WireGuard engine's counters (datagrams, drops by reason).
+    ///
+    /// # Errors
+    /// [`NodeStopped`] once the node has shut down.
+    pub async fn engine_stats(&self) -> Result<EngineStats, NodeStopped> {
+        self.ask(Command::EngineStats).await
     }
 
     /// Where the tailnet would send packets for `ip`.
