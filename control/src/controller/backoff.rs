@@ -126,7 +126,7 @@ mod tests {
             seed in any::<u64>(),
             draws in 1u32..40,
         ) {
-            let (initial, max) = (initial_ms * MS, max_ms * MS);
+            let (initial, max) = (Duration::from_millis(initial_ms), Duration::from_millis(max_ms));
             let mut b = Backoff::new(initial, max, seed);
             for n in 0..draws {
                 let d = b.next_delay();

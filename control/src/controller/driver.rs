@@ -352,11 +352,7 @@ impl<T: Transport, D: DataPlane> Controller<T, D> {
         cancel: &CancellationToken,
     ) {
         let cfg = &self.config;
-        let mut backoff = Backoff::new(
-            cfg.retry_initial_backoff,
-            cfg.retry_max_backoff,
-            cfg.seed,
-        );
+        let mut backoff = Backoff::new(cfg.retry_initial_backoff, cfg.retry_max_backoff, cfg.seed);
         // Attempts since the last healthy session.
         let mut attempt: u32 = 0;
         loop {

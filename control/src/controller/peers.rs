@@ -503,16 +503,17 @@ impl PeerLifecycle {
         }
         if e.state.is_active() {
             tracing::info!(peer = %e.info.name, key = %key.short(), ?reason, "peer removed");
-            self.actions.push_back(PeerAction::Remove {
-                key: *key,
-                reason,
-            });
+            self.actions
+                .push_back(PeerAction::Remove { key: *key, reason });
         }
     }
 
     fn index_name(&mut self, key: &NodeKey, name: &str) {
         let lower = name.to_ascii_lowercase();
-        if let Some(old) = self.peers.get(key).map(|e| e.info.name.to_ascii_lowercase())
+        if let Some(old) = self
+            .peers
+            .get(key)
+            .map(|e| e.info.name.to_ascii_lowercase())
             && old != lower
             && self.names.get(&old) == Some(key)
         {
@@ -569,7 +570,10 @@ mod tests {
     }
 
     fn remove(b: u8, reason: RemoveReason) -> PeerAction {
-        PeerAction::Remove { key: key(b), reason }
+        PeerAction::Remove {
+            key: key(b),
+            reason,
+        }
     }
 
     fn lifecycle() -> PeerLifecycle {
@@ -615,7 +619,10 @@ mod tests {
         l.handle_snapshot(vec![online(1)], t0);
         drain(&mut l);
         l.handle_peer_update(UpdateKind::Lost, peer(1, PeerStatus::Lost), t0 + MIN);
-        assert!(drain(&mut l).is_empty(), "a lost peer stays in the data plane");
+        assert!(
+            drain(&mut l).is_empty(),
+            "a lost peer stays in the data plane"
+        );
         let (at, _) = l.poll_timeout().unwrap();
         assert_eq!(at, t0 + MIN + TIMEOUT);
         // Nothing happens before the deadline.
@@ -644,7 +651,10 @@ mod tests {
         let hs = HashMap::from([(key(1), t0 + 10 * MIN)]);
         l.handle_handshakes(&hs);
         l.handle_timeout(at);
-        assert!(drain(&mut l).is_empty(), "kept: handshake within the timeout");
+        assert!(
+            drain(&mut l).is_empty(),
+            "kept: handshake within the timeout"
+        );
         let (again, _) = l.poll_timeout().unwrap();
         assert_eq!(again, t0 + 10 * MIN + TIMEOUT);
         // No newer handshake by then: expired.
@@ -741,21 +751,21 @@ mod tests {
             l.peer(&key(3)).unwrap().state(),
             PeerState::Lost { since: t1 }
         );
-        assert_eq!(l.counts(), PeerCounts {
-            connected: 0,
-            lost: 1,
-            expired: 3
-        });
+        assert_eq!(
+            l.counts(),
+            PeerCounts {
+                connected: 0,
+                lost: 1,
+                expired: 3
+            }
+        );
 
         // Reconnected: 1 unchanged (rebuilt, it expired), 2 changed (rebuilt),
         // 3 unchanged and still active (untouched), 4 missing (forgotten,
         // already out of the data plane), 5 new.
         let mut changed2 = online(2);
         changed2.endpoints = vec!["198.51.100.2:5000".parse().unwrap()];
-        l.handle_snapshot(
-            vec![online(1), changed2.clone(), online(3), online(5)],
-            t2,
-        );
+        l.handle_snapshot(vec![online(1), changed2.clone(), online(3), online(5)], t2);
         assert_eq!(
             drain(&mut l),
             vec![
@@ -764,11 +774,14 @@ mod tests {
                 upsert(online(5), false),
             ]
         );
-        assert_eq!(l.counts(), PeerCounts {
-            connected: 4,
-            lost: 0,
-            expired: 0
-        });
+        assert_eq!(
+            l.counts(),
+            PeerCounts {
+                connected: 4,
+                lost: 0,
+                expired: 0
+            }
+        );
         assert!(l.poll_timeout().is_none());
         assert!(l.peer(&key(4)).is_none());
     }

@@ -196,9 +196,10 @@ impl SessionError {
 impl From<SessionError> for DialError {
     fn from(e: SessionError) -> Self {
         match e {
-            SessionError::Closed(r) => {
-                DialError::WebSocket(format!("connection closed before welcome{}", fmt_reason(&r)))
-            }
+            SessionError::Closed(r) => DialError::WebSocket(format!(
+                "connection closed before welcome{}",
+                fmt_reason(&r)
+            )),
             SessionError::Io(s) => DialError::Io(s),
             SessionError::WebSocket(s) => DialError::WebSocket(s),
             SessionError::Protocol(s) => DialError::Protocol(s),
@@ -476,7 +477,10 @@ mod tests {
             reason: "wrong key".into(),
         };
         assert_eq!(DialError::from(rejected).kind(), "rejected");
-        assert_eq!(DialError::from(SessionError::SendTimeout), DialError::Timeout);
+        assert_eq!(
+            DialError::from(SessionError::SendTimeout),
+            DialError::Timeout
+        );
         assert_eq!(
             DialError::from(SessionError::Closed(String::new())).kind(),
             "websocket"
@@ -489,10 +493,14 @@ mod tests {
         std::fs::create_dir_all(&dir).ok();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").ok();
-        let err = WebSocketTransport::new(Some(&empty)).unwrap_err().to_string();
+        let err = WebSocketTransport::new(Some(&empty))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no usable PEM certificate"), "{err}");
         let missing = dir.join("missing.pem");
-        let err = WebSocketTransport::new(Some(&missing)).unwrap_err().to_string();
+        let err = WebSocketTransport::new(Some(&missing))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read CA file"), "{err}");
         assert!(WebSocketTransport::new(None).is_ok());
     }

@@ -183,16 +183,16 @@ fn split_host_port(authority: &str) -> Result<(Host, Option<&str>), UrlError> {
         };
         return Ok((Host::V6(ip), port));
     }
+    if authority.matches(':').count() > 1 {
+        // `::1:80` or similar: an IPv6 literal without brackets.
+        return Err(UrlError::InvalidHost(authority.to_owned()));
+    }
     let (host, port) = match authority.split_once(':') {
         Some((h, p)) => (h, Some(p)),
         None => (authority, None),
     };
     if host.is_empty() {
         return Err(UrlError::MissingHost);
-    }
-    if port.is_some_and(|p| p.contains(':')) {
-        // `::1:80` or similar: an IPv6 literal without brackets.
-        return Err(UrlError::InvalidHost(authority.to_owned()));
     }
     let labels = host.strip_suffix('.').unwrap_or(host);
     let valid = host.len() <= 253
@@ -249,10 +249,19 @@ mod tests {
         let u = parse("wss://[fd7a:115c:a1e0::1]/p").unwrap();
         assert_eq!(u.port(), 443);
         assert_eq!(u.path(), "/p");
-        assert!(matches!(parse("ws://::1:80"), Err(UrlError::InvalidHost(_))));
+        assert!(matches!(
+            parse("ws://::1:80"),
+            Err(UrlError::InvalidHost(_))
+        ));
         assert!(matches!(parse("ws://[::1"), Err(UrlError::InvalidHost(_))));
-        assert!(matches!(parse("ws://[zz]:1"), Err(UrlError::InvalidHost(_))));
-        assert!(matches!(parse("ws://[::1]x"), Err(UrlError::InvalidHost(_))));
+        assert!(matches!(
+            parse("ws://[zz]:1"),
+            Err(UrlError::InvalidHost(_))
+        ));
+        assert!(matches!(
+            parse("ws://[::1]x"),
+            Err(UrlError::InvalidHost(_))
+        ));
     }
 
     #[test]
@@ -266,7 +275,10 @@ mod tests {
         assert_eq!(parse("ws://:80"), Err(UrlError::MissingHost));
         assert_eq!(parse("ws:///path"), Err(UrlError::MissingHost));
         assert!(matches!(parse("ws://h:0"), Err(UrlError::InvalidPort(_))));
-        assert!(matches!(parse("ws://h:65536"), Err(UrlError::InvalidPort(_))));
+        assert!(matches!(
+            parse("ws://h:65536"),
+            Err(UrlError::InvalidPort(_))
+        ));
         assert!(matches!(parse("ws://h:x"), Err(UrlError::InvalidPort(_))));
         assert!(matches!(parse("ws://h:"), Err(UrlError::InvalidPort(_))));
         assert_eq!(parse("ws://u:p@h"), Err(UrlError::UserInfo));
