@@ -52,7 +52,10 @@ pub fn route(head: &[u8]) -> Route {
     let is_upgrade = request.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("upgrade")
             && std::str::from_utf8(h.value)
-                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("websocket")))
+                .map(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+                })
                 .unwrap_or(false)
     });
     match path {
@@ -167,17 +170,29 @@ mod tests {
         assert_eq!(route(&get("/healthz", "")), Route::Health);
         assert_eq!(route(&get("/healthz?probe=1", "")), Route::Health);
         assert_eq!(
-            route(&get(NODE_PATH, "Connection: Upgrade\r\nUpgrade: WebSocket\r\n")),
+            route(&get(
+                NODE_PATH,
+                "Connection: Upgrade\r\nUpgrade: WebSocket\r\n"
+            )),
             Route::Node
         );
-        assert_eq!(route(&get(NODE_PATH, "")), Route::Refuse(426, "Upgrade Required"));
+        assert_eq!(
+            route(&get(NODE_PATH, "")),
+            Route::Refuse(426, "Upgrade Required")
+        );
         assert_eq!(route(&get("/", "")), Route::Refuse(404, "Not Found"));
-        assert_eq!(route(&get("/tailnode/v2/node", "Upgrade: websocket\r\n")).clone(), Route::Refuse(404, "Not Found"));
+        assert_eq!(
+            route(&get("/tailnode/v2/node", "Upgrade: websocket\r\n")).clone(),
+            Route::Refuse(404, "Not Found")
+        );
         assert_eq!(
             route(b"POST /healthz HTTP/1.1\r\n\r\n"),
             Route::Refuse(405, "Method Not Allowed")
         );
-        assert_eq!(route(b"\x16\x03\x01garbage\r\n\r\n"), Route::Refuse(400, "Bad Request"));
+        assert_eq!(
+            route(b"\x16\x03\x01garbage\r\n\r\n"),
+            Route::Refuse(400, "Bad Request")
+        );
     }
 
     #[test]

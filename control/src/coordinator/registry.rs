@@ -310,7 +310,9 @@ impl Registry {
             )));
         }
         if config.domain.is_empty() {
-            return Err(CoordinatorError::Config("the tailnet domain is empty".into()));
+            return Err(CoordinatorError::Config(
+                "the tailnet domain is empty".into(),
+            ));
         }
         // Host 0 is the network address; the last IPv4 address is broadcast.
         let v4_hosts = (1u64 << v4_bits) - 2;
@@ -836,7 +838,11 @@ fn peer_info_json(record: &NodeRecord, presence: &Presence) -> String {
     }
 }
 
-fn peer_info_json_with_status(record: &NodeRecord, presence: &Presence, status: PeerStatus) -> String {
+fn peer_info_json_with_status(
+    record: &NodeRecord,
+    presence: &Presence,
+    status: PeerStatus,
+) -> String {
     match peer_info(record, presence) {
         Some(mut info) => {
             info.status = status;
@@ -913,22 +919,36 @@ mod tests {
         let mut out = Vec::new();
         while let Some(o) = r.poll_output() {
             match o {
-                Output::Send { session, frame } => out.push((session, frame.decode().unwrap(), false)),
-                Output::Close { session, frame } => out.push((session, frame.decode().unwrap(), true)),
+                Output::Send { session, frame } => {
+                    out.push((session, frame.decode().unwrap(), false))
+                }
+                Output::Close { session, frame } => {
+                    out.push((session, frame.decode().unwrap(), true))
+                }
                 Output::PersistState => {}
             }
         }
         out
     }
 
-    fn join(r: &mut Registry, s: u64, seed: u8, name: &str, now: Instant) -> (String, Ipv4Addr, Ipv6Addr) {
+    fn join(
+        r: &mut Registry,
+        s: u64,
+        seed: u8,
+        name: &str,
+        now: Instant,
+    ) -> (String, Ipv4Addr, Ipv6Addr) {
         r.handle_hello(SessionId(s), hello(seed, name), remote(seed), &auth(), now)
             .unwrap();
         let out = drain(r);
         match &out[0] {
-            (sess, ServerMessage::Welcome { name, ipv4, ipv6, .. }, false) if *sess == SessionId(s) => {
-                (name.clone(), *ipv4, *ipv6)
-            }
+            (
+                sess,
+                ServerMessage::Welcome {
+                    name, ipv4, ipv6, ..
+                },
+                false,
+            ) if *sess == SessionId(s) => (name.clone(), *ipv4, *ipv6),
             other => panic!("expected welcome first, got {other:?}"),
         }
     }
@@ -974,8 +994,10 @@ mod tests {
             .unwrap();
         let out = drain(&mut r);
         assert_eq!(out.len(), 3, "{out:?}");
-        assert!(matches!(&out[0].1, ServerMessage::Welcome { name, ipv4, .. }
-            if name == "db-2" && *ipv4 == Ipv4Addr::new(100, 64, 0, 2)));
+        assert!(
+            matches!(&out[0].1, ServerMessage::Welcome { name, ipv4, .. }
+            if name == "db-2" && *ipv4 == Ipv4Addr::new(100, 64, 0, 2))
+        );
         let ServerMessage::Snapshot { peers } = &out[1].1 else {
             panic!("{out:?}")
         };
@@ -990,8 +1012,10 @@ mod tests {
             ]
         );
         assert_eq!(out[2].0, SessionId(1));
-        assert!(matches!(&out[2].1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
-            if peer.name == "db-2" && peer.status == PeerStatus::Online));
+        assert!(
+            matches!(&out[2].1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
+            if peer.name == "db-2" && peer.status == PeerStatus::Online)
+        );
     }
 
     #[test]
@@ -1025,7 +1049,10 @@ mod tests {
             .handle_hello(SessionId(1), h.clone(), remote(1), &auth(), now)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::UnsupportedVersion);
-        assert!(err.reason.contains('7') && err.reason.contains('1'), "{err}");
+        assert!(
+            err.reason.contains('7') && err.reason.contains('1'),
+            "{err}"
+        );
         h.version = PROTOCOL_VERSION;
         let err = r
             .handle_hello(SessionId(1), h.clone(), remote(1), &auth(), now)
@@ -1072,18 +1099,25 @@ mod tests {
         to.sort();
         assert_eq!(to, vec![SessionId(1), SessionId(3)]);
         for (_, m, _) in &out {
-            assert!(matches!(m, ServerMessage::PeerUpdate { kind: UpdateKind::Disconnected, peer } if peer.name == "b"));
+            assert!(
+                matches!(m, ServerMessage::PeerUpdate { kind: UpdateKind::Disconnected, peer } if peer.name == "b")
+            );
         }
         r.handle_closed(SessionId(2), now);
         assert!(r.poll_output().is_none(), "closing after goodbye is silent");
-        assert!(r.peer(&key(2)).is_none(), "disconnected nodes leave snapshots");
+        assert!(
+            r.peer(&key(2)).is_none(),
+            "disconnected nodes leave snapshots"
+        );
 
         r.handle_closed(SessionId(3), now);
         let out = drain(&mut r);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, SessionId(1));
-        assert!(matches!(&out[0].1, ServerMessage::PeerUpdate { kind: UpdateKind::Lost, peer }
-            if peer.name == "c" && peer.status == PeerStatus::Lost));
+        assert!(
+            matches!(&out[0].1, ServerMessage::PeerUpdate { kind: UpdateKind::Lost, peer }
+            if peer.name == "c" && peer.status == PeerStatus::Lost)
+        );
 
         // A newcomer sees the lost node (status lost) but not the one that left.
         join(&mut r, 4, 4, "d", now);
@@ -1093,10 +1127,15 @@ mod tests {
         let ServerMessage::Snapshot { peers } = &out[1].1 else {
             panic!("{out:?}")
         };
-        let names: Vec<(&str, PeerStatus)> = peers.iter().map(|p| (p.name.as_str(), p.status)).collect();
+        let names: Vec<(&str, PeerStatus)> =
+            peers.iter().map(|p| (p.name.as_str(), p.status)).collect();
         assert_eq!(
             names,
-            vec![("a", PeerStatus::Online), ("c", PeerStatus::Lost), ("d", PeerStatus::Online)]
+            vec![
+                ("a", PeerStatus::Online),
+                ("c", PeerStatus::Lost),
+                ("d", PeerStatus::Online)
+            ]
         );
 
         // The lost node comes back: everyone gets `node` again, same identity.
@@ -1112,9 +1151,15 @@ mod tests {
                 })
                 .collect();
             assert_eq!(kinds.len(), 3);
-            assert!(kinds.iter().all(|k| *k == (UpdateKind::Node, PeerStatus::Online)));
+            assert!(
+                kinds
+                    .iter()
+                    .all(|k| *k == (UpdateKind::Node, PeerStatus::Online))
+            );
             match &out[0].1 {
-                ServerMessage::Welcome { name, ipv4, ipv6, .. } => (name.clone(), *ipv4, *ipv6),
+                ServerMessage::Welcome {
+                    name, ipv4, ipv6, ..
+                } => (name.clone(), *ipv4, *ipv6),
                 other => panic!("{other:?}"),
             }
         };
@@ -1133,12 +1178,20 @@ mod tests {
         let out = drain(&mut r);
         assert_eq!(out[0].0, SessionId(2));
         assert!(out[0].2, "the old session is closed");
-        assert!(matches!(&out[0].1, ServerMessage::Error { code: ErrorCode::Replaced, .. }));
+        assert!(matches!(
+            &out[0].1,
+            ServerMessage::Error {
+                code: ErrorCode::Replaced,
+                ..
+            }
+        ));
         assert!(matches!(&out[1].1, ServerMessage::Welcome { name, .. } if name == "b"));
         // The other node hears about the new endpoint.
         let update = out.iter().find(|o| o.0 == SessionId(1)).unwrap();
-        assert!(matches!(&update.1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
-            if peer.endpoints[0] == "198.51.100.9:41641".parse().unwrap()));
+        assert!(
+            matches!(&update.1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
+            if peer.endpoints[0] == "198.51.100.9:41641".parse().unwrap())
+        );
         // The old session cannot act any more; its end is silent.
         let e = r.handle_update(SessionId(2), &[], now).unwrap_err();
         assert_eq!(e.code, ErrorCode::Replaced);
@@ -1160,8 +1213,10 @@ mod tests {
             .unwrap();
         let out = drain(&mut r);
         assert_eq!(out.len(), 1);
-        assert!(matches!(&out[0].1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
-            if peer.endpoints == vec!["198.51.100.2:41641".parse().unwrap(), "10.1.2.3:41641".parse().unwrap()]));
+        assert!(
+            matches!(&out[0].1, ServerMessage::PeerUpdate { kind: UpdateKind::Node, peer }
+            if peer.endpoints == vec!["198.51.100.2:41641".parse().unwrap(), "10.1.2.3:41641".parse().unwrap()])
+        );
     }
 
     #[test]
@@ -1187,7 +1242,10 @@ mod tests {
         let outs: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
         assert!(outs.contains(&Output::PersistState));
         let id = r.identity(&key(1)).unwrap();
-        assert_eq!((id.name.as_str(), id.ipv4, id.ipv6), ("db-2", first.1, first.2));
+        assert_eq!(
+            (id.name.as_str(), id.ipv4, id.ipv6),
+            ("db-2", first.1, first.2)
+        );
         // The old name is free again.
         assert_eq!(join(&mut r, 5, 5, "my-laptop", now).0, "my-laptop");
     }
@@ -1239,6 +1297,7 @@ mod tests {
         assert!(e.reason.contains("exhausted"));
         // Known nodes still get in.
         r.handle_goodbye(SessionId(1), now).unwrap();
+        drain(&mut r);
         join(&mut r, 4, 1, "a", now);
     }
 
@@ -1254,7 +1313,10 @@ mod tests {
         assert_eq!(join(&mut r2, 1, 2, "a", now), b);
         assert_eq!(join(&mut r2, 2, 1, "a", now), a);
         // A newcomer does not collide with stored addresses.
-        assert_eq!(join(&mut r2, 3, 3, "a", now).1, Ipv4Addr::new(100, 64, 0, 3));
+        assert_eq!(
+            join(&mut r2, 3, 3, "a", now).1,
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
     }
 
     #[test]

@@ -139,9 +139,9 @@ impl StateFile {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&dir)?;
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state path has no file name"))?;
+        let file_name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "state path has no file name")
+        })?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -264,10 +264,18 @@ mod tests {
         assert!(StateFile::decode(&ok.encode()).is_ok());
         let mut bad = ok.clone();
         bad.version = 2;
-        assert!(StateFile::decode(&bad.encode()).unwrap_err().contains("version 2"));
+        assert!(
+            StateFile::decode(&bad.encode())
+                .unwrap_err()
+                .contains("version 2")
+        );
         let mut bad = ok.clone();
         bad.nodes[1].name = "a".into();
-        assert!(StateFile::decode(&bad.encode()).unwrap_err().contains("twice"));
+        assert!(
+            StateFile::decode(&bad.encode())
+                .unwrap_err()
+                .contains("twice")
+        );
         let mut bad = ok.clone();
         bad.nodes[1].ipv4 = bad.nodes[0].ipv4;
         assert!(StateFile::decode(&bad.encode()).is_err());
