@@ -82,6 +82,7 @@ struct SessionHandle {
     closed: Arc<AtomicBool>,
     answer_pings: Arc<AtomicBool>,
     stall_sends: Arc<AtomicBool>,
+    pong_delay: Arc<Mutex<Duration>>,
 }
 
 impl SessionHandle {
@@ -163,6 +164,7 @@ impl Transport for FakeTransport {
                     closed: Arc::default(),
                     answer_pings: Arc::new(AtomicBool::new(answer_pings)),
                     stall_sends: Arc::default(),
+                    pong_delay: Arc::default(),
                 };
                 self.0.lock().unwrap().sessions.push(handle.clone());
                 Ok(FakeSession {
@@ -204,7 +206,12 @@ impl Session for FakeSession {
 
     async fn ping(&mut self) -> Result<(), SessionError> {
         if self.handle.answer_pings.load(Ordering::SeqCst) {
-            self.handle.inbound.send(Ok(Incoming::Pong)).unwrap();
+            let delay = *self.handle.pong_delay.lock().unwrap();
+            let inbound = self.handle.inbound.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = inbound.send(Ok(Incoming::Pong));
+            });
         }
         Ok(())
     }
@@ -728,6 +735,8 @@ async fn a_session_that_stops_answering_pings_is_dropped_after_two_intervals() {
         FakeTransport::new(vec![], coordinator(vec![peer(1)])),
     );
     assert!(wait_until(SEC, || h.status().sessions_healthy == 1).await);
+    // Pongs take 100 ms: the watchdog must not need a third interval.
+    *h.transport.session(0).pong_delay.lock().unwrap() = Duration::from_millis(100);
     // Healthy for a minute while pings are answered.
     tokio::time::sleep(MIN).await;
     assert_eq!(h.transport.dial_count(), 1);
@@ -751,6 +760,18 @@ async fn a_session_that_stops_answering_pings_is_dropped_after_two_intervals() {
     );
     // The peers were kept through the blip (lost, not removed).
     assert_eq!(h.dp.peer_events(), vec![Event::Upsert(key(1), false)]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_pongs_do_not_drop_a_live_session() {
+    let h = start(config(), FakeTransport::new(vec![], coordinator(vec![])));
+    assert!(wait_until(SEC, || h.status().sessions_healthy == 1).await);
+    // A round trip of 4.5 s against a 5 s ping interval.
+    *h.transport.session(0).pong_delay.lock().unwrap() = Duration::from_millis(4500);
+    tokio::time::sleep(10 * MIN).await;
+    assert_eq!(h.transport.dial_count(), 1, "{:?}", h.status());
+    assert!(h.status().session_losses_by_kind.is_empty());
     h.stop().await;
 }
 

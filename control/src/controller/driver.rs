@@ -17,7 +17,8 @@
 //!
 //! Backoff is reset only when a session proved healthy (its first snapshot
 //! arrived). Sessions are watched with pings every `ping_interval`; one with
-//! no sign of life (pong or message) for two intervals is dropped.
+//! no sign of life (pong or message) since the previous ping is dropped at
+//! the next tick, i.e. about two intervals after it was last heard from.
 //!
 //! On cancellation with an open session, `run` sends `goodbye` and closes the
 //! websocket, bounded by [`GOODBYE_TIMEOUT`], so peers see a graceful
@@ -74,7 +75,8 @@ pub struct ControllerConfig {
     pub retry_initial_backoff: Duration,
     /// Cap on the retry delay.
     pub retry_max_backoff: Duration,
-    /// Interval between pings; a session silent for two intervals is dropped.
+    /// Interval between pings; a session silent for about two intervals
+    /// (a ping unanswered until the next one is due) is dropped.
     pub ping_interval: Duration,
     /// How long lost peers are kept without a fresh handshake.
     pub lost_peer_timeout: Duration,
@@ -522,7 +524,11 @@ impl<T: Transport, D: DataPlane> Controller<T, D> {
                     return SessionEnd::Cancelled;
                 }
                 _ = ticker.tick() => {
-                    if last_heard.elapsed() >= interval * 2 {
+                    // Pongs arrive just after a tick, so a live session was last
+                    // heard about one interval ago here. 1.5 intervals of silence
+                    // means the previous ping went unanswered: the session is
+                    // dropped two intervals after its last sign of life.
+                    if last_heard.elapsed() >= interval * 3 / 2 {
                         return SessionEnd::Lost(SessionError::PingTimeout);
                     }
                     match tokio::time::timeout(interval, session.ping()).await {

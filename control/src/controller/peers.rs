@@ -853,4 +853,97 @@ mod tests {
         );
         assert_eq!(l.resolve("nobody"), None);
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Snapshot(Vec<(u8, u8, bool)>),
+        Update(u8, u8, u8, bool),
+        SessionLost,
+        Advance(u32, Vec<(u8, u32)>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::collection::vec((1u8..7, 0u8..2, any::<bool>()), 0..7).prop_map(Op::Snapshot),
+            (0u8..3, 0u8..7, 0u8..2, any::<bool>()).prop_map(|(k, p, v, l)| Op::Update(k, p, v, l)),
+            Just(Op::SessionLost),
+            (
+                0u32..40,
+                proptest::collection::vec((1u8..7, 0u32..40), 0..4)
+            )
+                .prop_map(|(m, hs)| Op::Advance(m, hs)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Applying the actions to a model data plane always yields exactly
+        /// the lifecycle's active peers, with their latest info; removals
+        /// only target present peers and fresh rebuilds only absent ones.
+        #[test]
+        fn actions_keep_the_data_plane_in_sync(ops in proptest::collection::vec(op(), 1..40)) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut l = lifecycle();
+            let mut dp: HashMap<NodeKey, PeerInfo> = HashMap::new();
+            let variant = |b: u8, v: u8, lost: bool| {
+                let mut p = peer(b, if lost { PeerStatus::Lost } else { PeerStatus::Online });
+                if v == 1 {
+                    p.endpoints = vec!["203.0.113.1:1".parse().unwrap()];
+                }
+                p
+            };
+            for op in ops {
+                match op {
+                    Op::Snapshot(list) => l.handle_snapshot(
+                        list.into_iter().map(|(b, v, lost)| variant(b, v, lost)).collect(),
+                        now,
+                    ),
+                    Op::Update(kind, b, v, lost) => {
+                        let kind = [UpdateKind::Node, UpdateKind::Lost, UpdateKind::Disconnected][usize::from(kind)];
+                        l.handle_peer_update(kind, variant(b, v, lost), now);
+                    }
+                    Op::SessionLost => l.handle_session_lost(now),
+                    Op::Advance(minutes, hs) => {
+                        let hs: HashMap<NodeKey, Instant> =
+                            hs.into_iter().map(|(b, m)| (key(b), t0 + MIN * m)).collect();
+                        now += MIN * minutes;
+                        advance(&mut l, now, &hs);
+                    }
+                }
+                while let Some(a) = l.poll_action() {
+                    match a {
+                        PeerAction::Upsert { peer, fresh_session } => {
+                            proptest::prop_assert!(peer.node_key != key(0), "self upserted");
+                            if fresh_session {
+                                proptest::prop_assert!(!dp.contains_key(&peer.node_key), "fresh rebuild of a present peer");
+                            }
+                            dp.insert(peer.node_key, peer);
+                        }
+                        PeerAction::Remove { key, .. } => {
+                            proptest::prop_assert!(dp.remove(&key).is_some(), "removal of an absent peer");
+                        }
+                    }
+                }
+                let active: HashMap<NodeKey, PeerInfo> = l
+                    .peers()
+                    .filter(|(_, e)| e.state().is_active())
+                    .map(|(k, e)| (*k, e.info().clone()))
+                    .collect();
+                proptest::prop_assert_eq!(dp.len(), active.len());
+                for (k, info) in &active {
+                    let have = dp.get(k).unwrap();
+                    proptest::prop_assert!(same_except_status(have, info), "stale info for {:?}", k);
+                }
+                // Lost peers are exactly the ones with a pending expiry check.
+                for (_, e) in l.peers() {
+                    let lost = matches!(e.state(), PeerState::Lost { .. });
+                    proptest::prop_assert_eq!(lost, e.expiry_check().is_some());
+                    if let Some(at) = e.expiry_check() {
+                        proptest::prop_assert!(at > now, "overdue check left behind");
+                    }
+                }
+            }
+        }
+    }
 }
