@@ -26,9 +26,16 @@ use super::{Command, DataPlaneCounters};
 /// yields, so a flood on the socket cannot starve commands or timers.
 pub(crate) const MAX_BATCH: usize = 64;
 
-/// Size of every packet buffer: the largest UDP payload, so no datagram is
-/// truncated, plus boringtun's 32 bytes of overhead.
+/// Size of the receive and send buffers: the largest UDP payload, so no
+/// datagram is truncated, plus boringtun's 32 bytes of overhead.
 const BUF_LEN: usize = 65_536 + 32;
+
+/// Size of pooled inbound packet buffers: a full-MTU datagram fits (the
+/// engine needs `max(datagram_len, 148)` bytes); larger datagrams, which only
+/// a peer with a larger MTU sends, get a buffer of their own.
+pub(crate) fn pooled_len(mtu: usize) -> usize {
+    mtu.max(1500) + 64
+}
 
 /// Upper bound on sleeping when neither the engine nor the stack asks for a
 /// wake-up: timers are re-checked at least this often.
@@ -41,6 +48,8 @@ pub(crate) struct Driver {
     pub commands: mpsc::Receiver<Command>,
     pub cancel: CancellationToken,
     pub counters: DataPlaneCounters,
+    /// See [`pooled_len`].
+    pub pooled_len: usize,
 }
 
 impl Driver {
@@ -124,7 +133,9 @@ impl Driver {
             };
             let from = tailnode_wg::udp::canonical_addr(from);
             let mut out = queues.free.pop().unwrap_or_default();
-            out.resize(BUF_LEN, 0);
+            // Only the tail beyond the previous packet is zeroed: a few
+            // hundred bytes, not the whole buffer.
+            out.resize(self.pooled_len.max(len), 0);
             match self
                 .engine
                 .handle_datagram(from, &recv_buf[..len], &mut out, now)

@@ -248,6 +248,7 @@ impl Node {
             commands: rx,
             cancel: cancel.clone(),
             counters,
+            pooled_len: driver::pooled_len(config.mtu),
         };
         let tasks = TaskTracker::new();
         tasks.spawn(driver.run());
