@@ -1370,23 +1370,47 @@ mod tests {
 
     #[test]
     fn fan_out_serializes_once() {
+        // 2 000 nodes: one change reaches 1 999 sessions as clones of one
+        // buffer, and names and addresses stay unique.
+        const NODES: u16 = 2000;
         let mut r = registry();
         let now = Instant::now();
-        for i in 0..50u8 {
-            join(&mut r, u64::from(i), i + 1, "n", now);
+        let mut seen_v4 = HashSet::new();
+        for i in 0..NODES {
+            let mut seed = [7u8; 32];
+            // Bytes 1 and 2: clamping only touches bytes 0 and 31.
+            seed[1..3].copy_from_slice(&i.to_le_bytes());
+            let secret = x25519_dalek::StaticSecret::from(seed);
+            let mut h = hello(1, "n");
+            h.node_key = NodeKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+            r.handle_hello(SessionId(u64::from(i)), h, remote(1), &auth(), now)
+                .unwrap();
+            // The welcome comes first; the rest is not decoded (time).
+            let Some(Output::Send { frame, .. }) = r.poll_output() else {
+                panic!("welcome expected")
+            };
+            let ServerMessage::Welcome { ipv4, .. } = frame.decode().unwrap() else {
+                panic!("welcome expected")
+            };
+            assert!(seen_v4.insert(ipv4));
+            while r.poll_output().is_some() {}
         }
+        assert_eq!(seen_v4.len(), usize::from(NODES));
+        assert_eq!(r.online_count(), usize::from(NODES));
+        assert_eq!(r.names.len(), usize::from(NODES));
         r.handle_update(SessionId(0), &["10.9.9.9:1".parse().unwrap()], now)
             .unwrap();
-        let frames: Vec<Frame> = std::iter::from_fn(|| r.poll_output())
+        let frames: Vec<(SessionId, Frame)> = std::iter::from_fn(|| r.poll_output())
             .filter_map(|o| match o {
-                Output::Send { frame, .. } => Some(frame),
+                Output::Send { session, frame } => Some((session, frame)),
                 _ => None,
             })
             .collect();
-        assert_eq!(frames.len(), 49);
-        let first = frames[0].as_str().as_ptr();
+        assert_eq!(frames.len(), usize::from(NODES) - 1);
+        assert!(frames.iter().all(|(s, _)| *s != SessionId(0)));
+        let first = frames[0].1.as_str().as_ptr();
         assert!(
-            frames.iter().all(|f| f.as_str().as_ptr() == first),
+            frames.iter().all(|(_, f)| f.as_str().as_ptr() == first),
             "every recipient shares one serialized buffer"
         );
     }

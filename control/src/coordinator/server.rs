@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -180,8 +180,7 @@ impl CoordinatorServer {
             registry,
             tls,
         } = self;
-        let (persist_tx, persist_rx) = watch::channel(None);
-        let writer = tokio::spawn(write_state(config.state_path.clone(), persist_rx));
+        let (persist_tx, persist_rx) = watch::channel(0u64);
         let fixed_auth = match &config.auth_key {
             AuthKeySource::Fixed(key) => Some(AuthKey::new(key.trim())),
             AuthKeySource::File(_) => None,
@@ -202,6 +201,11 @@ impl CoordinatorServer {
             shutdown: cancel.clone(),
             next_session: AtomicU64::new(1),
         });
+        let writer = tokio::spawn(write_state(
+            config.state_path.clone(),
+            persist_rx,
+            Arc::downgrade(&hub),
+        ));
         let tracker = TaskTracker::new();
         tracker.spawn(expiry_loop(hub.clone()));
         let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -244,11 +248,26 @@ impl CoordinatorServer {
         drop(listener);
         tracker.close();
         tracker.wait().await;
-        // The hub owns the state sender: dropping it lets the writer write
-        // the last state and end.
+        // Every session has ended: the identities are final. Dropping the
+        // hub ends the writer (after a write in progress); then the final
+        // state is written here, so no older state can land after it.
+        let changed = *hub.persist.borrow() > 0;
+        let last = hub.lock().registry.state_file();
         drop(hub);
         if let Err(e) = writer.await {
             error!(error = %e, "state writer task failed");
+        }
+        if changed {
+            let path = config.state_path.clone();
+            match tokio::task::spawn_blocking(move || last.store(&path)).await {
+                Ok(Ok(())) => debug!("final state written"),
+                Ok(Err(e)) => error!(
+                    path = %config.state_path.display(),
+                    error = %e,
+                    "cannot write the final state"
+                ),
+                Err(e) => error!(error = %e, "final state write task failed"),
+            }
         }
         info!("coordinator stopped");
         Ok(())
@@ -283,14 +302,19 @@ async fn read_auth_file(path: &Path) -> Result<AuthKey, String> {
     Ok(AuthKey::new(key))
 }
 
-/// Writes each new state to disk, latest first: states that arrive while a
-/// write is running are coalesced. Ends when the hub is dropped, after
-/// writing the last state.
-async fn write_state(path: PathBuf, mut rx: watch::Receiver<Option<Arc<StateFile>>>) {
+/// Writes the state whenever the identity table changed. The state is
+/// captured (under the hub lock) only when a write starts, so changes that
+/// arrive during a write are coalesced into the next one and a burst of
+/// joins costs a few writes, not one per join. Ends when the hub is gone;
+/// [`CoordinatorServer::run`] writes the final state itself.
+async fn write_state(path: PathBuf, mut rx: watch::Receiver<u64>, hub: Weak<Hub>) {
     while rx.changed().await.is_ok() {
-        let Some(state) = rx.borrow_and_update().clone() else {
-            continue;
+        rx.borrow_and_update();
+        let Some(hub) = hub.upgrade() else {
+            break;
         };
+        let state = hub.lock().registry.state_file();
+        drop(hub);
         let target = path.clone();
         match tokio::task::spawn_blocking(move || state.store(&target)).await {
             Ok(Ok(())) => debug!(path = %path.display(), "state written"),
@@ -329,7 +353,8 @@ struct Hub {
     ws_config: WebSocketConfig,
     fixed_auth: Option<AuthKey>,
     inner: Mutex<HubInner>,
-    persist: watch::Sender<Option<Arc<StateFile>>>,
+    /// Generation of the identity table; bumped on every change.
+    persist: watch::Sender<u64>,
     /// Wakes the expiry loop when a node may have become lost.
     expiry: Notify,
     /// The server's cancellation token.
@@ -388,8 +413,7 @@ impl Hub {
             }
         }
         if persist {
-            self.persist
-                .send_replace(Some(Arc::new(registry.state_file())));
+            self.persist.send_modify(|generation| *generation += 1);
         }
     }
 
@@ -474,7 +498,13 @@ async fn serve_http<S>(
         }
         if filled == MAX_HEAD {
             debug!(%remote, "request head too large");
-            refuse_http(&mut stream, 431, "Request Header Fields Too Large").await;
+            refuse_http(
+                &mut stream,
+                431,
+                "Request Header Fields Too Large",
+                &hub.shutdown,
+            )
+            .await;
             return;
         }
         let read = tokio::select! {
@@ -508,7 +538,7 @@ async fn serve_http<S>(
         }
         Route::Refuse(status, reason) => {
             debug!(%remote, status, "request refused");
-            refuse_http(&mut stream, status, reason).await;
+            refuse_http(&mut stream, status, reason, &hub.shutdown).await;
         }
         Route::Node => {
             buf.truncate(filled);
@@ -531,21 +561,26 @@ async fn serve_http<S>(
     }
 }
 
-async fn refuse_http<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, status: u16, reason: &str) {
+async fn refuse_http<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    reason: &str,
+    shutdown: &CancellationToken,
+) {
     let body = format!("{}\n", reason.to_ascii_lowercase());
     let _ = timeout(
         CLOSE_TIMEOUT,
         stream.write_all(&response(status, reason, &body)),
     )
     .await;
-    linger(stream).await;
+    linger(stream, shutdown).await;
 }
 
 /// Half-closes and reads what the peer still sends (bounded), so the
 /// kernel does not answer unread data with a reset that could destroy the
 /// response or error frame just written.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
-    let _ = timeout(CLOSE_TIMEOUT, async {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, shutdown: &CancellationToken) {
+    let drain = timeout(CLOSE_TIMEOUT, async {
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
         let mut total = 0;
@@ -557,8 +592,11 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
             total += n;
         }
         Ok::<(), std::io::Error>(())
-    })
-    .await;
+    });
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = drain => {}
+    }
 }
 
 /// A websocket message, classified.
@@ -654,7 +692,7 @@ async fn run_session<S>(
                     hub.config.handshake_timeout
                 ),
             );
-            close_with_error(&mut ws, &rejection).await;
+            close_with_error(&mut ws, &rejection, &hub.shutdown).await;
             return;
         };
         match classify(item) {
@@ -665,7 +703,7 @@ async fn run_session<S>(
             }
             Inbound::Refused(rejection) => {
                 info!(%remote, code = ?rejection.code, "first message refused");
-                close_with_error(&mut ws, &rejection).await;
+                close_with_error(&mut ws, &rejection, &hub.shutdown).await;
                 return;
             }
             Inbound::Message(message) => {
@@ -678,7 +716,7 @@ async fn run_session<S>(
                             format!("the first message must be hello, not {kind}"),
                         );
                         info!(%remote, code = ?rejection.code, "first message refused");
-                        close_with_error(&mut ws, &rejection).await;
+                        close_with_error(&mut ws, &rejection, &hub.shutdown).await;
                         return;
                     }
                 }
@@ -693,7 +731,7 @@ async fn run_session<S>(
                 ErrorCode::Internal,
                 "the coordinator cannot read its auth key",
             );
-            close_with_error(&mut ws, &rejection).await;
+            close_with_error(&mut ws, &rejection, &hub.shutdown).await;
             return;
         }
     };
@@ -728,7 +766,7 @@ async fn run_session<S>(
     };
     if let Err(rejection) = admitted {
         info!(%remote, code = ?rejection.code, "hello refused");
-        close_with_error(&mut ws, &rejection).await;
+        close_with_error(&mut ws, &rejection, &hub.shutdown).await;
         return;
     }
 
@@ -767,7 +805,7 @@ async fn run_session<S>(
         }
         End::Refused(rejection) => {
             info!(%session, key = %short, code = ?rejection.code, "message refused; closing session");
-            close_with_error(&mut ws, &rejection).await;
+            close_with_error(&mut ws, &rejection, &hub.shutdown).await;
         }
         End::Ended(reason) => {
             debug!(%session, key = %short, %reason, "session ended");
@@ -926,7 +964,7 @@ where
 
 /// Sends `error`, a close frame, and lingers so both reach the node even if
 /// it still has unread data in flight (an oversized frame, say).
-async fn close_with_error<S>(ws: &mut Ws<S>, rejection: &Rejection)
+async fn close_with_error<S>(ws: &mut Ws<S>, rejection: &Rejection, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -944,5 +982,5 @@ where
         .await
     })
     .await;
-    linger(ws.get_mut()).await;
+    linger(ws.get_mut(), shutdown).await;
 }
