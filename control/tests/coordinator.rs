@@ -594,3 +594,18 @@ async fn ping_answers_keep_an_idle_node_online() {
     assert_eq!(b.peers[0].status, PeerStatus::Online);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_that_never_says_hello_is_refused_in_time() {
+    let dir = temp_dir("nohello");
+    let mut cfg = config(&dir);
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let c = Coordinator::start(cfg).await.unwrap();
+    let mut ws = connect(&c.url()).await;
+    let reason = expect_error(&mut ws, ErrorCode::ProtocolViolation).await;
+    assert!(reason.contains("no hello"), "{reason}");
+    // Others are unaffected.
+    let j = join(&c.url(), 1, "prompt").await;
+    assert_eq!(j.name, "prompt");
+    c.stop().await;
+}
