@@ -14,7 +14,8 @@
 //!   Connected or Lost ◀──────────────────────────────────────────────────── Expired
 //!
 //!   disconnected update: Connected / Lost / Expired ──▶ forgotten (Remove{Disconnected} if in the data plane)
-//!   missing from a snapshot: same, with Remove{Gone}
+//!   missing from a snapshot: Connected ──▶ Lost{now}; Lost keeps its timer;
+//!                                Expired ──▶ forgotten
 //! ```
 //!
 //! - `Connected` and `Lost` peers are in the data plane; `Expired` ones were
@@ -28,6 +29,11 @@
 //!   otherwise it is removed (`Remove{Expired}`).
 //! - Unchanged peers produce no action at all: after a reconnect, peers that
 //!   never left the data plane keep their sessions and their traffic.
+//! - A peer missing from a snapshot is treated as lost, not removed: a
+//!   coordinator that restarted sends partial snapshots while its nodes
+//!   reconnect one by one, and dropping a peer whose traffic is flowing would
+//!   break its connections for nothing. If the peer does not come back, the
+//!   lost-peer timeout removes it once its handshakes go stale.
 //!
 //! The same table answers name lookups ([`PeerLifecycle::resolve`]) for the
 //! node's SOCKS proxy: `name` and `name.<domain>` map to a peer's (or our
@@ -84,8 +90,6 @@ pub enum RemoveReason {
     Expired,
     /// The peer said goodbye.
     Disconnected,
-    /// A snapshot no longer lists it.
-    Gone,
 }
 
 /// What the data plane must do. Apply actions in order.
@@ -213,9 +217,10 @@ impl PeerLifecycle {
     /// The coordinator's full peer set (after every `welcome`).
     ///
     /// Listed peers are added, updated (if changed), rebuilt (if expired) or
-    /// left alone (if unchanged and in the data plane); peers not listed are
-    /// removed (`Gone`) and forgotten. Peers listed as lost start their lost
-    /// timer, or keep it if they were already lost.
+    /// left alone (if unchanged and in the data plane); peers listed as lost
+    /// start their lost timer, or keep it if they were already lost. Peers
+    /// not listed become lost (see the module docs); expired ones not listed
+    /// are forgotten.
     pub fn handle_snapshot(&mut self, peers: Vec<PeerInfo>, now: Instant) {
         let before = self.actions.len();
         let listed: HashSet<NodeKey> = peers.iter().map(|p| p.node_key).collect();
@@ -223,19 +228,24 @@ impl PeerLifecycle {
             let lost = peer.status == PeerStatus::Lost;
             self.apply_peer(peer, lost, now);
         }
-        let missing: Vec<NodeKey> = self
+        let missing: Vec<(NodeKey, bool)> = self
             .peers
-            .keys()
-            .filter(|k| !listed.contains(k))
-            .copied()
+            .iter()
+            .filter(|(k, _)| !listed.contains(k))
+            .map(|(k, e)| (*k, e.state.is_active()))
             .collect();
-        for key in &missing {
-            self.forget(key, RemoveReason::Gone);
+        for (key, active) in &missing {
+            if *active {
+                self.mark_lost(key, now);
+            } else {
+                // Already out of the data plane: only the record goes.
+                self.forget(key, RemoveReason::Expired);
+            }
         }
         tracing::info!(
             listed = listed.len(),
             actions = self.actions.len() - before,
-            removed = missing.len(),
+            unlisted = missing.len(),
             "peer snapshot applied"
         );
     }
@@ -787,7 +797,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_updates_changed_removes_missing_and_keeps_lost_since() {
+    fn snapshot_updates_changed_keeps_missing_as_lost_and_keeps_lost_since() {
         let t0 = Instant::now();
         let mut l = lifecycle();
         l.handle_snapshot(vec![online(1), online(2), online(3)], t0);
@@ -795,14 +805,17 @@ mod tests {
         l.handle_session_lost(t0 + MIN);
         let mut renamed = peer(1, PeerStatus::Online);
         renamed.name = "db".into();
-        // 2 is lost per the coordinator, 3 is gone.
+        // 2 is lost per the coordinator, 3 is not listed (e.g. a restarted
+        // coordinator that has not heard from it yet): it stays, lost.
         l.handle_snapshot(
             vec![renamed.clone(), peer(2, PeerStatus::Lost)],
             t0 + 2 * MIN,
         );
+        assert_eq!(drain(&mut l), vec![upsert(renamed, false)]);
         assert_eq!(
-            drain(&mut l),
-            vec![upsert(renamed, false), remove(3, RemoveReason::Gone)]
+            l.peer(&key(3)).unwrap().state(),
+            PeerState::Lost { since: t0 + MIN },
+            "an unlisted peer is kept as lost, with its earlier since"
         );
         assert_eq!(l.peer(&key(1)).unwrap().state(), PeerState::Connected);
         assert_eq!(
