@@ -76,8 +76,10 @@ pub(crate) enum Owner {
     Listener(u16),
     /// A `TcpStream` or an in-progress `connect` holds it.
     App,
-    /// The handle was dropped; reset if the close is not done by `deadline`.
-    Orphan { deadline: SmolInstant },
+    /// The handle was dropped; reset if the close is not done by `deadline`. The deadline is
+    /// set by the first poll after the drop (`None` until then): the time of the previous poll
+    /// may be long past when an idle stack's handle is dropped.
+    Orphan { deadline: Option<SmolInstant> },
 }
 
 /// How a connection ended, as reported to the application once its socket is gone.
@@ -607,6 +609,13 @@ impl Core {
             }
             _ => {
                 if let Owner::Orphan { deadline } = owner {
+                    let deadline = deadline.unwrap_or(now + to_smol(self.cfg.orphan_timeout));
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        conn.owner = Owner::Orphan {
+                            deadline: Some(deadline),
+                        };
+                    }
+                    let sock = self.sockets.get_mut::<tcp::Socket>(handle);
                     if now >= deadline || sock.recv_queue() > 0 {
                         // Past the close deadline, or data arrived nobody will read: like
                         // Linux on close() with unread data, reset (RFC 2525 §2.17).
@@ -849,9 +858,7 @@ impl Core {
         } else {
             sock.abort();
         }
-        conn.owner = Owner::Orphan {
-            deadline: self.now + to_smol(self.cfg.orphan_timeout),
-        };
+        conn.owner = Owner::Orphan { deadline: None };
         self.watch(id);
         self.wake_driver = true;
     }
@@ -1023,7 +1030,9 @@ impl Core {
             if let Some(handle) = conn.socket {
                 let sock = self.sockets.get_mut::<tcp::Socket>(handle);
                 sock.abort();
-                conn.owner = Owner::Orphan { deadline: self.now };
+                conn.owner = Owner::Orphan {
+                    deadline: Some(self.now),
+                };
                 self.watch(id);
             } else {
                 self.conns.remove(id);

@@ -43,6 +43,8 @@ pub enum Direction {
 pub type LinkFilter = Box<dyn FnMut(Direction, &[u8]) -> bool + Send>;
 
 struct Control {
+    /// `Some(origin)`: the clock is frozen at `origin` plus the offset (only `advance` moves it).
+    frozen: Option<Instant>,
     offset_micros: AtomicU64,
     clock_changed: Notify,
     filter: Mutex<Option<LinkFilter>>,
@@ -50,7 +52,8 @@ struct Control {
 
 impl Control {
     fn now(&self) -> Instant {
-        Instant::now() + Duration::from_micros(self.offset_micros.load(Ordering::Relaxed))
+        self.frozen.unwrap_or_else(Instant::now)
+            + Duration::from_micros(self.offset_micros.load(Ordering::Relaxed))
     }
 }
 
@@ -104,10 +107,26 @@ impl Pair {
     ///
     /// [`NetstackError`] if a configuration is invalid.
     pub fn with_configs(a: NetstackConfig, b: NetstackConfig) -> Result<Self, NetstackError> {
+        Self::build(a, b, false)
+    }
+
+    /// Like [`Pair::with_configs`], but the stacks' clock stands still unless
+    /// [`advance`](Self::advance)d: no timer (retransmission, probe, delayed ACK) ever fires on
+    /// its own, so a test proves progress that does not depend on timers.
+    ///
+    /// # Errors
+    ///
+    /// [`NetstackError`] if a configuration is invalid.
+    pub fn with_frozen_clock(a: NetstackConfig, b: NetstackConfig) -> Result<Self, NetstackError> {
+        Self::build(a, b, true)
+    }
+
+    fn build(a: NetstackConfig, b: NetstackConfig, frozen: bool) -> Result<Self, NetstackError> {
         let now = Instant::now();
         let a = Netstack::new(a, now)?;
         let b = Netstack::new(b, now)?;
         let control = Arc::new(Control {
+            frozen: frozen.then_some(now),
             offset_micros: AtomicU64::new(0),
             clock_changed: Notify::new(),
             filter: Mutex::new(None),
@@ -130,6 +149,15 @@ impl Pair {
             .offset_micros
             .fetch_add(micros, Ordering::Relaxed);
         self.control.clock_changed.notify_one();
+    }
+
+    /// Moves the clock forward without waking the driver: an idle period in which nothing
+    /// polls the stacks, as happens on a quiet node.
+    pub fn advance_idle(&self, by: Duration) {
+        let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+        self.control
+            .offset_micros
+            .fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Installs (or removes) the link filter.

@@ -93,7 +93,9 @@ async fn read_all_hashed(mut r: impl AsyncReadExt + Unpin) -> (usize, [u8; 32]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_16_mib_each_way_with_half_close() {
     const LEN: usize = 16 << 20;
-    let pair = Pair::start().unwrap();
+    let (a, b) = Pair::configs();
+    // Frozen clock: progress must not depend on any timer (retransmission, probes).
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
     let (client, server) = connect_accept(&pair, 5001, v4(B_V4, 5001)).await;
     let up = Arc::new(pattern(LEN, 1));
     let down = Arc::new(pattern(LEN, 2));
@@ -133,8 +135,47 @@ trait Pipe: Sized {
 impl<T> Pipe for T {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_with_small_window_makes_progress() {
+    let (a, b) = Pair::configs();
+    let small = |c: NetstackConfig| NetstackConfig {
+        tcp_rx_buffer: 16 * 1024,
+        tcp_tx_buffer: 16 * 1024,
+        ..c
+    };
+    // Frozen clock: no retransmission or zero-window probe can rescue a missed window update.
+    let pair = Pair::with_frozen_clock(small(a), small(b)).unwrap();
+    let (client, mut server) = connect_accept(&pair, 5002, v4(B_V4, 5002)).await;
+    let data = Arc::new(pattern(2 << 20, 3));
+    let sender = tokio::spawn(send_all_hashed(client, data));
+    // The reader is slower than the sender: the window closes again and again, and each read
+    // must reopen it. The timeout is a liveness bound, not a performance target.
+    let reader = async move {
+        let mut hasher = Sha256::new();
+        let mut buf = [0u8; 1000];
+        let mut total = 0;
+        loop {
+            let n = server.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            hasher.update(&buf[..n]);
+            tokio::task::yield_now().await;
+        }
+        (total, <[u8; 32]>::from(hasher.finalize()))
+    };
+    let (total, got) = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("transfer stalled");
+    assert_eq!(total, 2 << 20);
+    assert_eq!(got, sender.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_in_both_directions() {
-    let pair = Pair::start().unwrap();
+    let (a, b) = Pair::configs();
+    // Frozen clock: progress must not depend on any timer (retransmission, probes).
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
     let (mut client, mut server) = connect_accept(&pair, 7, v6(B_V6, 7)).await;
     // Client sends a request and closes its sending half.
     client.write_all(b"request").await.unwrap();
@@ -249,7 +290,9 @@ async fn dropping_with_unread_data_resets_the_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_connect_close_cycles_leave_nothing_behind() {
-    let pair = Pair::start().unwrap();
+    let (a, b) = Pair::configs();
+    // Frozen clock: progress must not depend on any timer (retransmission, probes).
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
     let listener = pair.b.listen(7000).unwrap();
     let server = tokio::spawn(async move {
         for _ in 0..1000 {
@@ -294,7 +337,9 @@ async fn thousand_connect_close_cycles_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_connections() {
-    let pair = Pair::start().unwrap();
+    let (a, b) = Pair::configs();
+    // Frozen clock: progress must not depend on any timer (retransmission, probes).
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
     let listener = pair.b.listen(9000).unwrap();
     let server = tokio::spawn(async move {
         let mut tasks = Vec::new();
@@ -467,9 +512,12 @@ async fn orphan_that_cannot_close_is_reset_and_reclaimed() {
     let (client, server) = connect_accept(&pair, 12, v4(B_V4, 12)).await;
     // The peer vanishes: our FIN is never acknowledged.
     pair.set_filter(Some(Box::new(|_, _| false)));
+    let sent = pair.a.stats().packets_out;
     drop(client);
-    pair.wait_until("FIN queued", |p| p.a.stats().tcp_sockets == 1)
+    // The orphan's deadline starts at the first poll after the drop (the one sending the FIN).
+    pair.wait_until("FIN sent", |p| p.a.stats().packets_out > sent)
         .await;
+    assert_eq!(pair.a.stats().tcp_sockets, 1, "closing, not yet reclaimed");
     pair.advance(Duration::from_secs(61));
     pair.wait_until("orphan reclaimed", |p| {
         let s = p.a.stats();
@@ -477,6 +525,43 @@ async fn orphan_that_cannot_close_is_reset_and_reclaimed() {
     })
     .await;
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_after_idle_period_still_closes_gracefully() {
+    let pair = Pair::start().unwrap();
+    let (client, mut server) = connect_accept(&pair, 14, v4(B_V4, 14)).await;
+    // Nothing polls for longer than the orphan timeout, then the client goes away: its close
+    // deadline starts now, not at the last poll, so the peer sees FIN, not RST.
+    let resets = Arc::new(AtomicUsize::new(0));
+    let seen = resets.clone();
+    pair.set_filter(Some(Box::new(move |_, packet| {
+        if tcp_flags(packet).is_some_and(|f| f & 0x04 != 0) {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        true
+    })));
+    pair.advance_idle(Duration::from_secs(120));
+    drop(client);
+    let mut rest = Vec::new();
+    server.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    drop(server);
+    pair.wait_until("both sides closed", |p| {
+        p.a.stats().tcp_connections + p.b.stats().tcp_connections == 0
+    })
+    .await;
+    assert_eq!(resets.load(Ordering::SeqCst), 0, "closed with FINs only");
+}
+
+/// TCP flags of an IPv4 or IPv6 (no extension headers) TCP packet.
+fn tcp_flags(packet: &[u8]) -> Option<u8> {
+    let offset = match packet.first()? >> 4 {
+        4 if packet.get(9) == Some(&6) => usize::from(packet[0] & 0x0f) * 4,
+        6 if packet.get(6) == Some(&6) => 40,
+        _ => return None,
+    };
+    packet.get(offset + 13).copied()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,7 +579,9 @@ async fn node_reaches_its_own_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response_round_trips() {
-    let pair = Pair::start().unwrap();
+    let (a, b) = Pair::configs();
+    // Frozen clock: progress must not depend on any timer (retransmission, probes).
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
     let (mut client, mut server) = connect_accept(&pair, 13, v4(B_V4, 13)).await;
     let echo = tokio::spawn(async move {
         let mut buf = [0u8; 64];
@@ -513,4 +600,14 @@ async fn request_response_round_trips() {
     }
     eprintln!("64-byte round trip: {:?} average", started.elapsed() / 1000);
     echo.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_on_a_current_thread_runtime() {
+    let pair = Pair::start().unwrap();
+    let (client, server) = connect_accept(&pair, 15, v6(B_V6, 15)).await;
+    let data = Arc::new(pattern(4 << 20, 5));
+    let (sent, (len, got)) = tokio::join!(send_all_hashed(client, data), read_all_hashed(server));
+    assert_eq!(len, 4 << 20);
+    assert_eq!(sent, got);
 }
