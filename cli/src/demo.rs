@@ -1,136 +1,164 @@
-//! `tailnode demo`: two nodes in one process talking WireGuard over loopback
-//! UDP, a small HTTP service exposed on the second, the first one's SOCKS5
-//! proxy on a local port. Nothing to prepare, nothing outside loopback.
+//! `tailnode demo`: an embedded coordinator and two nodes in one process,
+//! talking WireGuard over loopback UDP; a small HTTP service exposed on the
+//! node named `web`, the other node's SOCKS5 proxy on a local port. Nothing
+//! to prepare, nothing outside loopback.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tailnode_wg::{PeerConfig, PrivateKey};
+use tailnode_control::coordinator::{AuthKeySource, CoordinatorConfig, CoordinatorServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::api::ApiAddr;
 use crate::expose::ExposeSpec;
-use crate::node::{Node, NodeConfig};
-use crate::up::{ListenAddr, UpArgs, serve_everything};
+use crate::up::{ListenAddr, UpArgs, run_up};
 
-/// Tailnet addresses of the demo's two nodes.
-pub const DEMO_A: [IpAddr; 2] = [
-    IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
-    IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 1)),
-];
-/// Tailnet addresses of the node that serves HTTP.
-pub const DEMO_B: [IpAddr; 2] = [
-    IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
-    IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 2)),
-];
+/// Name of the node that serves HTTP.
+pub const WEB: &str = "web";
+/// Name of the node whose SOCKS5 proxy the user talks to.
+pub const LAPTOP: &str = "laptop";
 
 /// Runs the demo until `cancel` fires. Prints the curl command that fetches
-/// the service through the tunnel.
+/// the service through the tunnel once it works.
 ///
 /// # Errors
 /// When a listener cannot be bound (for example the SOCKS5 port is taken).
 pub async fn run_demo(socks5: SocketAddr, cancel: CancellationToken) -> anyhow::Result<()> {
+    let dir = DemoDir::create()?;
+    let tasks = TaskTracker::new();
+
     let http = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .context("binding the demo HTTP service")?;
     let http_addr = http.local_addr()?;
-    let tasks = TaskTracker::new();
     tasks.spawn(serve_hello(http, cancel.clone()));
 
-    let key_a = PrivateKey::generate();
-    let key_b = PrivateKey::generate();
-    let a = start_node(key_a.clone(), &DEMO_A, &cancel).await?;
-    let b = start_node(key_b.clone(), &DEMO_B, &cancel).await?;
-    connect(&a, &b, &DEMO_B).await?;
-    connect(&b, &a, &DEMO_A).await?;
+    let auth_key = format!("demo-{:016x}", rand::random::<u64>());
+    let mut config = CoordinatorConfig::new(
+        AuthKeySource::Fixed(auth_key.clone()),
+        dir.0.join("coordinator.json"),
+    );
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let coordinator = CoordinatorServer::bind(config)
+        .await
+        .context("starting the embedded coordinator")?;
+    let url = format!("ws://{}", coordinator.local_addr());
+    {
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = coordinator.run(cancel).await {
+                tracing::error!(error = %e, "embedded coordinator stopped");
+            }
+        });
+    }
 
-    let expose_b = UpArgs {
-        expose: vec![ExposeSpec {
+    let node =
+        |name: &str, socks5: ListenAddr, expose: Vec<ExposeSpec>| -> anyhow::Result<UpArgs> {
+            let mut args = UpArgs::empty();
+            args.coordinator = Some(url.parse().map_err(|e| anyhow::anyhow!("{e}"))?);
+            args.name = Some(name.to_string());
+            args.auth_key = Some(auth_key.clone());
+            args.key_file = Some(dir.0.join(format!("{name}.key")));
+            args.socks5 = socks5;
+            args.expose = expose;
+            args.api = Some(ApiAddr::Off);
+            Ok(args)
+        };
+    let web = node(
+        WEB,
+        ListenAddr::Off,
+        vec![ExposeSpec {
             port: 80,
             host: http_addr.ip().to_string(),
             target_port: http_addr.port(),
         }],
-        ..demo_args(ListenAddr::Off)
-    };
-    serve_everything(&expose_b, &b.handle(), &tasks, &cancel).await?;
-    serve_everything(
-        &demo_args(ListenAddr::On(socks5)),
-        &a.handle(),
-        &tasks,
-        &cancel,
-    )
-    .await?;
+    )?;
+    let laptop = node(LAPTOP, ListenAddr::On(socks5), Vec::new())?;
+    let nodes = TaskTracker::new();
+    for args in [web, laptop] {
+        let cancel = cancel.clone();
+        nodes.spawn(async move {
+            if let Err(e) = run_up(args, cancel.clone()).await {
+                tracing::error!("demo node failed: {e:#}");
+                cancel.cancel();
+            }
+        });
+    }
 
-    println!("tailnode demo: two nodes joined over WireGuard on loopback UDP");
-    println!(
-        "  node A  {} / {}  udp {}  SOCKS5 on {socks5}",
-        DEMO_A[0],
-        DEMO_A[1],
-        a.handle().udp_addr()
-    );
-    println!(
-        "  node B  {} / {}  udp {}  exposes port 80 (HTTP)",
-        DEMO_B[0],
-        DEMO_B[1],
-        b.handle().udp_addr()
-    );
-    println!();
-    println!("Fetch node B's service through the tunnel:");
-    println!("  curl --socks5-hostname {socks5} http://{}/", DEMO_B[0]);
-    println!(
-        "  curl --socks5-hostname {socks5} 'http://[{}]/'",
-        DEMO_B[1]
-    );
-    println!();
-    println!("Ctrl-C to stop.");
-
+    // Wait until the page really comes through the tunnel, then tell the user.
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if fetch_through_socks(socks5, WEB, 80).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        r = ready => {
+            r.context("the demo nodes did not connect within 30 s")?;
+            println!("tailnode demo: a coordinator ({url}) and two nodes joined over WireGuard on loopback UDP");
+            println!("  {LAPTOP:<7} SOCKS5 proxy on {socks5}");
+            println!("  {WEB:<7} exposes port 80 (a small HTTP service)");
+            println!();
+            println!("Fetch {WEB}'s page through the tunnel, by peer name:");
+            println!("  curl --socks5-hostname {socks5} http://{WEB}/");
+            println!("  curl --socks5-hostname {socks5} http://{WEB}.{}/", tailnode_control::coordinator::DEFAULT_DOMAIN);
+            println!();
+            println!("Ctrl-C to stop.");
+        }
+    }
     cancel.cancelled().await;
+    nodes.close();
+    nodes.wait().await;
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-    a.shutdown().await;
-    b.shutdown().await;
     Ok(())
 }
 
-fn demo_args(socks5: ListenAddr) -> UpArgs {
-    UpArgs {
-        wg_config: Default::default(),
-        socks5,
-        socks5_direct: false,
-        forward: Vec::new(),
-        expose: Vec::new(),
-        connect_timeout: crate::up::default_connect_timeout(),
-        listen_port: None,
+/// A scratch directory for the demo's keys and coordinator state, removed at the end.
+struct DemoDir(PathBuf);
+
+impl DemoDir {
+    fn create() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("tailnode-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
     }
 }
 
-async fn start_node(
-    key: PrivateKey,
-    addrs: &[IpAddr],
-    cancel: &CancellationToken,
-) -> anyhow::Result<Node> {
-    let mut config = NodeConfig::new(key);
-    config.addresses = addrs.to_vec();
-    Ok(Node::start(config, cancel.child_token()).await?)
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
-/// Makes `to` a peer of `from`, reachable over loopback.
-async fn connect(from: &Node, to: &Node, to_addrs: &[IpAddr]) -> anyhow::Result<()> {
-    let to = to.handle();
-    let endpoint = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), to.udp_addr().port());
-    from.handle()
-        .upsert_peer(PeerConfig {
-            public_key: to.public_key(),
-            preshared_key: None,
-            allowed_ips: to_addrs.iter().map(|ip| ipnet::IpNet::from(*ip)).collect(),
-            endpoint: Some(endpoint),
-            persistent_keepalive: None,
-        })
+/// GET / through a SOCKS5 proxy (hostname target); Ok when an HTTP 200 comes back.
+async fn fetch_through_socks(socks: SocketAddr, host: &str, port: u16) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(socks).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply).await?;
+    anyhow::ensure!(reply == [5, 0], "SOCKS5 method refused");
+    let mut req = vec![5, 1, 0, 3, u8::try_from(host.len())?];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).await?;
+    anyhow::ensure!(head[1] == 0, "SOCKS5 reply {}", head[1]);
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
+    anyhow::ensure!(body.starts_with(b"HTTP/1.0 200"), "unexpected answer");
     Ok(())
 }
 
@@ -159,7 +187,7 @@ async fn serve_hello(listener: TcpListener, cancel: CancellationToken) {
                     break;
                 }
             }
-            let body = "Hello from node B of the tailnode demo: this page came through WireGuard and two userspace TCP/IP stacks.\n";
+            let body = "Hello from web, a tailnode demo node: this page came through WireGuard and two userspace TCP/IP stacks.\n";
             let response = format!(
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use tailnode_control::controller::PeerDirectory;
 use tailnode_netstack::ConnectError;
 use tokio::net::TcpStream as HostStream;
 use tracing::debug;
@@ -31,6 +32,7 @@ pub struct TailnetDialer {
     node: NodeHandle,
     direct: DirectPolicy,
     connect_timeout: Duration,
+    names: Option<PeerDirectory>,
 }
 
 impl TailnetDialer {
@@ -40,7 +42,15 @@ impl TailnetDialer {
             node,
             direct,
             connect_timeout,
+            names: None,
         }
+    }
+
+    /// Resolves host names through the coordinated peer directory first
+    /// (`name` and `name.<tailnet domain>`).
+    pub fn with_names(mut self, names: PeerDirectory) -> Self {
+        self.names = Some(names);
+        self
     }
 
     /// Connects to `target`, resolving host names first.
@@ -67,6 +77,21 @@ impl TailnetDialer {
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DialError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        if let Some(names) = &self.names {
+            if let Some((v4, v6)) = names.resolve(host) {
+                return Ok(vec![
+                    SocketAddr::new(IpAddr::V4(v4), port),
+                    SocketAddr::new(IpAddr::V6(v6), port),
+                ]);
+            }
+            if names.with(|l| {
+                l.self_addresses()
+                    .is_some_and(|me| in_domain(host, &me.domain))
+            }) {
+                // A tailnet name we do not know: never ask the host's DNS.
+                return Err(DialError::HostUnreachable);
+            }
         }
         if self.direct == DirectPolicy::Refuse {
             // Without direct egress only tailnet names could be reached, and
@@ -133,6 +158,13 @@ impl TailnetDialer {
             }
         }
     }
+}
+
+/// Whether `host` is `domain` or a name under it (case-insensitive, trailing dot allowed).
+fn in_domain(host: &str, domain: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_matches('.').to_ascii_lowercase();
+    !domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}")))
 }
 
 fn connect_error(e: ConnectError) -> DialError {

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tailnode::api::{ApiAddr, default_api, fetch_status};
+use tailnode::coordinator_cmd::{CoordinatorArgs, run_coordinator};
 use tailnode::up::{ConfigProblem, UpArgs, run_up};
 use tailnode_wg::PrivateKey;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +27,19 @@ enum Command {
     Keygen,
     /// Read a private key on stdin and print its public key (like `wg pubkey`).
     Pubkey,
-    /// Join the network described by a WireGuard config and serve the proxies.
-    Up(UpArgs),
+    /// Join the tailnet (a coordinator and/or a wg-quick file) and serve the proxies.
+    Up(Box<UpArgs>),
+    /// Run the coordination server that nodes join.
+    Coordinator(CoordinatorArgs),
+    /// Show a running node's state (through its local API).
+    Status {
+        /// Print the JSON document instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// The node's API address (as given to `tailnode up --api`).
+        #[arg(long, value_name = "ADDR|unix:PATH", env = "TAILNODE_API")]
+        api: Option<ApiAddr>,
+    },
     /// Two nodes in one process, an HTTP service exposed on one, SOCKS5 on the other.
     Demo {
         /// SOCKS5 listen address of the first node.
@@ -43,7 +56,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Pubkey => pubkey(),
-        Command::Up(args) => run_async(|cancel| run_up(args, cancel)),
+        Command::Up(args) => run_async(|cancel| run_up(*args, cancel)),
+        Command::Coordinator(args) => run_async(|cancel| run_coordinator(args, cancel)),
+        Command::Status { json, api } => status(json, api),
         Command::Demo { socks5 } => run_async(|cancel| tailnode::demo::run_demo(socks5, cancel)),
     }
 }
@@ -61,6 +76,40 @@ fn pubkey() -> ExitCode {
         }
         Err(e) => {
             eprintln!("tailnode pubkey: invalid private key: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn status(json: bool, api: Option<ApiAddr>) -> ExitCode {
+    let Some(api) = api.or_else(default_api) else {
+        eprintln!("tailnode status: no API address: pass --api");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tailnode status: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(fetch_status(&api)) {
+        Ok(status) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", tailnode::api::render(&status));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tailnode status: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -8,15 +8,21 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use tailnode_wg::PeerConfig;
+use tailnode_control::controller::{
+    Controller, ControllerConfig, CoordinatorUrl, PeerDirectory, WebSocketTransport,
+};
 use tailnode_wg::config::{Endpoint, PeerSection, WgQuickConfig};
+use tailnode_wg::{PeerConfig, PublicKey};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::api::{self, ApiAddr, ControlHandles, StatusSource, default_api};
+use crate::coordinated::{NodeDataPlane, node_key};
 use crate::dialer::{DEFAULT_CONNECT_TIMEOUT, DirectPolicy, TailnetDialer};
 use crate::expose::{ExposeSpec, serve_exposure};
 use crate::forward::{ForwardSpec, Protocol, serve_tcp_forward};
+use crate::identity::{default_key_file, load_or_create_key};
 use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::socks5::{Socks5Config, Socks5Server};
 
@@ -26,11 +32,72 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Options of `tailnode up`.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
-    /// WireGuard / wg-quick configuration file: [Interface] PrivateKey, Address,
-    /// ListenPort, MTU; [Peer] PublicKey, PresharedKey, AllowedIPs, Endpoint,
-    /// PersistentKeepalive.
-    #[arg(long, value_name = "FILE", env = "TAILNODE_WG_CONFIG")]
-    pub wg_config: PathBuf,
+    /// WireGuard / wg-quick configuration file with static peers: [Interface]
+    /// PrivateKey, Address, ListenPort, MTU; [Peer] PublicKey, PresharedKey,
+    /// AllowedIPs, Endpoint, PersistentKeepalive.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "TAILNODE_WG_CONFIG",
+        required_unless_present = "coordinator"
+    )]
+    pub wg_config: Option<PathBuf>,
+
+    /// Coordination server to join: ws://HOST:PORT, wss://HOST:PORT (or the
+    /// http:// / https:// spellings). A URL without a path reaches the
+    /// coordinator's node endpoint.
+    #[arg(long, value_name = "URL", env = "TAILNODE_COORDINATOR")]
+    pub coordinator: Option<CoordinatorUrl>,
+
+    /// Name to ask the coordinator for (made DNS-safe and unique by it).
+    /// Default: the host name.
+    #[arg(long, value_name = "NAME", env = "TAILNODE_NAME")]
+    pub name: Option<String>,
+
+    /// The tailnet's auth key (needed with --coordinator).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "TAILNODE_AUTH_KEY",
+        hide_env_values = true
+    )]
+    pub auth_key: Option<String>,
+
+    /// Private key file of the node, created (mode 0600) when missing; keeps
+    /// the node's identity and addresses across restarts. Default:
+    /// $STATE_DIRECTORY, $XDG_STATE_HOME/tailnode or ~/.local/state/tailnode,
+    /// file node.key. Not used with --wg-config, whose PrivateKey wins.
+    #[arg(long, value_name = "FILE", env = "TAILNODE_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Extra CA certificate (PEM) to trust for a wss:// coordinator.
+    #[arg(long, value_name = "FILE", env = "TAILNODE_COORDINATOR_CA")]
+    pub coordinator_ca: Option<PathBuf>,
+
+    /// Time allowed for one dial of the coordinator: TCP connect, TLS, the
+    /// websocket upgrade and the hello/welcome exchange.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// Cap of the exponential, jittered backoff between coordinator dials.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_max_backoff: Duration,
+
+    /// Ping the coordinator this often; no answer within two intervals and
+    /// the session is dropped and redialled.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A peer announced lost (or every peer, while our own coordinator
+    /// session is down) is removed after this long without a WireGuard
+    /// handshake.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub lost_peer_timeout: Duration,
+
+    /// UDP endpoint to advertise to peers instead of the discovered interface
+    /// addresses (repeatable; e.g. a port forwarded on a NAT).
+    #[arg(long = "endpoint", value_name = "ADDR")]
+    pub endpoints: Vec<SocketAddr>,
 
     /// SOCKS5 listen address, or `off`.
     #[arg(
@@ -61,8 +128,64 @@ pub struct UpArgs {
     pub connect_timeout: Duration,
 
     /// WireGuard UDP port, overriding ListenPort (0 picks one).
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", env = "TAILNODE_LISTEN_PORT")]
     pub listen_port: Option<u16>,
+
+    /// Local API for `tailnode status`: 127.0.0.1:PORT, [::1]:PORT,
+    /// unix:/path, or off. Never reachable from the tailnet.
+    #[arg(long, value_name = "ADDR|unix:PATH|off", env = "TAILNODE_API")]
+    pub api: Option<ApiAddr>,
+}
+
+impl UpArgs {
+    /// Options with every default and nothing to join (for embedding).
+    pub fn empty() -> Self {
+        Self {
+            wg_config: None,
+            coordinator: None,
+            name: None,
+            auth_key: None,
+            key_file: None,
+            coordinator_ca: None,
+            dial_timeout: tailnode_control::controller::DEFAULT_DIAL_TIMEOUT,
+            retry_max_backoff: tailnode_control::controller::DEFAULT_RETRY_MAX_BACKOFF,
+            ping_interval: tailnode_control::controller::DEFAULT_PING_INTERVAL,
+            lost_peer_timeout: tailnode_control::controller::DEFAULT_LOST_PEER_TIMEOUT,
+            endpoints: Vec::new(),
+            socks5: ListenAddr::Off,
+            socks5_direct: false,
+            forward: Vec::new(),
+            expose: Vec::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            listen_port: None,
+            api: None,
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigProblem> {
+        for (flag, value) in [
+            ("--dial-timeout", self.dial_timeout),
+            ("--retry-max-backoff", self.retry_max_backoff),
+            ("--ping-interval", self.ping_interval),
+            ("--lost-peer-timeout", self.lost_peer_timeout),
+            ("--connect-timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigProblem(format!("{flag} must be greater than 0")));
+            }
+        }
+        if self.coordinator.is_some() && self.auth_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigProblem(
+                "--coordinator needs an auth key: --auth-key KEY or TAILNODE_AUTH_KEY".into(),
+            ));
+        }
+        if let Some(name) = &self.name
+            && name.trim().is_empty()
+        {
+            return Err(ConfigProblem("--name must not be empty".into()));
+        }
+        Ok(())
+    }
 }
 
 /// A listen address that can be switched off.
@@ -114,16 +237,40 @@ pub fn load_wg_config(path: &Path) -> Result<WgQuickConfig, ConfigProblem> {
 /// [`ConfigProblem`] (wrapped) for configuration errors, other errors when a
 /// listener cannot be opened.
 pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let wg = load_wg_config(&args.wg_config)?;
-    let mut config = NodeConfig::new(wg.interface.private_key.clone());
-    config.addresses = wg
-        .interface
-        .addresses
-        .iter()
-        .map(|net| net.addr())
-        .collect();
-    config.listen_port = args.listen_port.or(wg.interface.listen_port).unwrap_or(0);
-    if let Some(mtu) = wg.interface.mtu {
+    args.check()?;
+    let wg = match &args.wg_config {
+        Some(path) => Some(load_wg_config(path)?),
+        None => None,
+    };
+    let key = match &wg {
+        Some(wg) => {
+            if args.key_file.is_some() {
+                warn!("--key-file is ignored: the wg-quick file's PrivateKey is the node's key");
+            }
+            wg.interface.private_key.clone()
+        }
+        None => {
+            let path = args.key_file.clone().unwrap_or_else(default_key_file);
+            load_or_create_key(&path).map_err(|e| ConfigProblem(e.to_string()))?
+        }
+    };
+    let mut config = NodeConfig::new(key.clone());
+    let static_addresses: Vec<_> = wg
+        .as_ref()
+        .map(|wg| {
+            wg.interface
+                .addresses
+                .iter()
+                .map(|net| net.addr())
+                .collect()
+        })
+        .unwrap_or_default();
+    config.addresses = static_addresses.clone();
+    config.listen_port = args
+        .listen_port
+        .or(wg.as_ref().and_then(|wg| wg.interface.listen_port))
+        .unwrap_or(0);
+    if let Some(mtu) = wg.as_ref().and_then(|wg| wg.interface.mtu) {
         config.mtu = usize::from(mtu);
     }
     let node = Node::start(config, cancel.child_token())
@@ -131,12 +278,75 @@ pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<(
         .context("starting the node")?;
     let handle = node.handle();
     let tasks = TaskTracker::new();
-    for peer in &wg.peers {
+    let static_peers: Vec<PublicKey> = wg
+        .as_ref()
+        .map(|wg| wg.peers.iter().map(|p| p.public_key).collect())
+        .unwrap_or_default();
+    for peer in wg.iter().flat_map(|wg| wg.peers.iter()) {
         spawn_peer_setup(&tasks, handle.clone(), peer.clone(), cancel.clone());
     }
-    serve_everything(&args, &handle, &tasks, &cancel).await?;
+
+    let mut control = None;
+    let mut controller_task = None;
+    if let Some(url) = args.coordinator.clone() {
+        let transport = WebSocketTransport::new(args.coordinator_ca.as_deref())
+            .map_err(|e| ConfigProblem(format!("--coordinator-ca: {e}")))?;
+        let name = args.name.clone().unwrap_or_else(host_name);
+        let mut cc = ControllerConfig::new(
+            url,
+            args.auth_key.clone().unwrap_or_default(),
+            node_key(&key.public_key()),
+            name,
+            handle.udp_addr().port(),
+        );
+        cc.dial_timeout = args.dial_timeout;
+        cc.retry_max_backoff = args.retry_max_backoff;
+        cc.retry_initial_backoff = cc.retry_initial_backoff.min(args.retry_max_backoff);
+        cc.ping_interval = args.ping_interval;
+        cc.lost_peer_timeout = args.lost_peer_timeout;
+        let data_plane = NodeDataPlane::new(
+            handle.clone(),
+            static_addresses.clone(),
+            args.endpoints.clone(),
+        );
+        tasks.spawn(data_plane.clone().probe_endpoints(cancel.clone()));
+        let controller = Controller::new(cc, transport, data_plane);
+        control = Some(ControlHandles {
+            status: controller.status(),
+            directory: controller.directory(),
+            url: args.coordinator.clone(),
+        });
+        // Not tracked with the others: shutdown waits for it first, so the
+        // goodbye leaves before anything else closes.
+        controller_task = Some(tokio::spawn(controller.run(cancel.clone())));
+    }
+
+    let names = control.as_ref().map(|c| c.directory.clone());
+    serve_everything(&args, &handle, names, &tasks, &cancel).await?;
+    if let Some(api) = args
+        .api
+        .clone()
+        .or_else(default_api)
+        .filter(|a| *a != ApiAddr::Off)
+    {
+        let source = StatusSource::new(handle.clone(), control.clone(), static_peers);
+        match api::bind(&api).await {
+            Ok(listener) => {
+                info!(api = %api, "local API listening");
+                tasks.spawn(api::serve(listener, source, cancel.clone()));
+            }
+            Err(e) if args.api.is_some() => {
+                return Err(e.context(format!("cannot listen for the API on {api}")));
+            }
+            Err(e) => warn!(api = %api, error = %e, "local API not available"),
+        }
+    }
     cancel.cancelled().await;
     info!("shutting down");
+    if let Some(task) = controller_task {
+        // The controller sends goodbye (bounded to about a second) and returns.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+    }
     tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
         .await
@@ -148,6 +358,15 @@ pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<(
     Ok(())
 }
 
+/// The host's name, for `--name`'s default.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
 /// Opens the SOCKS5 server, the forwards and the exposures of `args` on a
 /// running node. Each runs until `cancel` fires.
 ///
@@ -156,6 +375,7 @@ pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<(
 pub async fn serve_everything(
     args: &UpArgs,
     handle: &NodeHandle,
+    names: Option<PeerDirectory>,
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -168,11 +388,11 @@ pub async fn serve_everything(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for SOCKS5 on {addr}"))?;
-        let dialer = Arc::new(TailnetDialer::new(
-            handle.clone(),
-            direct,
-            args.connect_timeout,
-        ));
+        let mut dialer = TailnetDialer::new(handle.clone(), direct, args.connect_timeout);
+        if let Some(names) = names {
+            dialer = dialer.with_names(names);
+        }
+        let dialer = Arc::new(dialer);
         let config = Socks5Config {
             connect_timeout: args.connect_timeout,
             ..Socks5Config::default()
@@ -285,9 +505,4 @@ pub fn peer_config(peer: &PeerSection, endpoint: Option<SocketAddr>) -> PeerConf
         endpoint,
         persistent_keepalive: peer.persistent_keepalive,
     }
-}
-
-/// The default connect timeout, for callers that build [`UpArgs`] by hand.
-pub fn default_connect_timeout() -> Duration {
-    DEFAULT_CONNECT_TIMEOUT
 }
