@@ -15,12 +15,22 @@
 //! - [`dialer`]: the node's dialer: tailnet, direct from the host, or refused.
 //! - [`forward`] and [`expose`]: local → tailnet and tailnet → local TCP.
 //! - [`relay`] and [`stream`]: the byte relay and stream type every proxy path shares.
-//! - [`up`] and [`demo`]: the `tailnode up` and `tailnode demo` commands.
+//! - [`coordinated`]: the node as the controller's data plane (coordinated
+//!   peers, assigned addresses, endpoint candidates); [`identity`] keeps the
+//!   node's key on disk and [`endpoints`] finds its UDP endpoints.
+//! - [`api`]: the local status API and the `tailnode status` client.
+//! - [`up`], [`coordinator_cmd`] and [`demo`]: the `tailnode up`,
+//!   `tailnode coordinator` and `tailnode demo` commands.
 
+pub mod api;
+pub mod coordinated;
+pub mod coordinator_cmd;
 pub mod demo;
 pub mod dialer;
+pub mod endpoints;
 pub mod expose;
 pub mod forward;
+pub mod identity;
 pub mod node;
 pub mod relay;
 pub mod socks5;
