@@ -30,6 +30,7 @@ pub mod dialer;
 pub mod endpoints;
 pub mod expose;
 pub mod forward;
+pub mod http_proxy;
 pub mod identity;
 pub mod node;
 pub mod relay;
