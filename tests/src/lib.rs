@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+pub mod control;
 pub mod inproc;
 pub mod netns;
 pub mod process;
