@@ -297,7 +297,13 @@ pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<(
             args.auth_key.clone().unwrap_or_default(),
             node_key(&key.public_key()),
             name,
-            handle.udp_addr().port(),
+            // Explicit endpoints replace discovery entirely: port 0 tells the
+            // coordinator not to derive one from the address it sees.
+            if args.endpoints.is_empty() {
+                handle.udp_addr().port()
+            } else {
+                0
+            },
         );
         cc.dial_timeout = args.dial_timeout;
         cc.retry_max_backoff = args.retry_max_backoff;

@@ -112,7 +112,10 @@ impl NodeProc {
             "--auth-key".into(),
             opts.auth_key.into(),
             "--key-file".into(),
-            dir.path().join(format!("{}.key", opts.name)).display().to_string(),
+            dir.path()
+                .join(format!("{}.key", opts.name))
+                .display()
+                .to_string(),
             "--listen-port".into(),
             udp_port.to_string(),
             "--api".into(),
@@ -133,7 +136,13 @@ impl NodeProc {
                     crate::tailnode_bin().display().to_string(),
                 ];
                 full.extend(args);
-                Proc::spawn(opts.name, std::path::Path::new("ip"), &full, &[("RUST_LOG", "info")], log)
+                Proc::spawn(
+                    opts.name,
+                    std::path::Path::new("ip"),
+                    &full,
+                    &[("RUST_LOG", "info")],
+                    log,
+                )
             }
         };
         let node = Self {
@@ -156,7 +165,12 @@ impl NodeProc {
 
     /// Polls the status until `pred` holds (every 100 ms, at most `timeout`);
     /// panics with the last status and the node's log otherwise.
-    pub async fn wait_status(&self, timeout: Duration, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+    pub async fn wait_status(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Status {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = None;
         loop {
@@ -182,7 +196,10 @@ impl NodeProc {
 
 /// The peer named `name` in a status document.
 pub fn peer<'a>(status: &'a Status, name: &str) -> Option<&'a PeerStatus> {
-    status.peers.iter().find(|p| p.name.as_deref() == Some(name))
+    status
+        .peers
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
 }
 
 /// Whether the node has a peer `name` in state `state`.

@@ -154,26 +154,17 @@ impl Slot {
     }
 }
 
-/// wireguard-go on a TUN device in its own namespace, peered with one node.
-pub struct WireguardGo {
+/// A namespace linked to the root namespace by a veth pair (see the module
+/// docs for the addresses of a slot).
+pub struct LinkedNetns {
     pub slot: Slot,
-    pub netns: Netns,
+    // Field order matters: the veth goes before the namespace.
     _veth: Veth,
-    pub iface: String,
-    pub public_key: PublicKey,
-    pub listen_port: u16,
-    _proc: Proc,
+    pub netns: Netns,
 }
 
-impl WireguardGo {
-    /// Sets up the namespace, the veth link and wireguard-go, with `node` as
-    /// its only peer (reachable at `node_endpoint`, if given).
-    pub fn start(
-        slot: Slot,
-        dir: &TempDir,
-        node: PublicKey,
-        node_endpoint: Option<SocketAddr>,
-    ) -> Self {
+impl LinkedNetns {
+    pub fn new(slot: Slot) -> Self {
         require_root();
         let id = slot.id();
         let netns = Netns::new(&format!("tn{id}"));
@@ -205,7 +196,37 @@ impl WireguardGo {
             &ns_if,
         ]);
         netns.exec(&["ip", "link", "set", &ns_if, "up"]);
+        Self {
+            slot,
+            _veth: veth,
+            netns,
+        }
+    }
+}
 
+/// wireguard-go on a TUN device in its own namespace, peered with one node.
+pub struct WireguardGo {
+    // Dropped first: wireguard-go stops before its namespace goes.
+    _proc: Proc,
+    pub slot: Slot,
+    link: LinkedNetns,
+    pub iface: String,
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+}
+
+impl WireguardGo {
+    /// Sets up the namespace, the veth link and wireguard-go, with `node` as
+    /// its only peer (reachable at `node_endpoint`, if given).
+    pub fn start(
+        slot: Slot,
+        dir: &TempDir,
+        node: PublicKey,
+        node_endpoint: Option<SocketAddr>,
+    ) -> Self {
+        let link = LinkedNetns::new(slot);
+        let id = slot.id();
+        let netns = &link.netns;
         let iface = format!("tnwg{id}");
         let sock = format!("/var/run/wireguard/{iface}.sock");
         let _ = std::fs::remove_file(&sock);
@@ -265,13 +286,17 @@ impl WireguardGo {
         netns.exec(&["ip", "link", "set", "mtu", "1420", "up", "dev", &iface]);
         Self {
             slot,
-            netns,
-            _veth: veth,
+            link,
             iface,
             public_key: key.public_key(),
             listen_port,
             _proc: proc,
         }
+    }
+
+    /// The namespace wireguard-go runs in.
+    pub fn netns(&self) -> &Netns {
+        &self.link.netns
     }
 
     /// The UDP endpoint our node should use.
@@ -282,7 +307,7 @@ impl WireguardGo {
     /// `wg show IFACE dump` output, for diagnostics.
     pub fn dump(&self) -> String {
         let out = self
-            .netns
+            .netns()
             .exec_unchecked(&["wg", "show", &self.iface, "dump"]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tailnode_tests::control::{CoordinatorProc, LOST_PEER_TIMEOUT, NodeOptions, NodeProc, peer, peer_in_state};
+use tailnode_tests::control::{
+    CoordinatorProc, LOST_PEER_TIMEOUT, NodeOptions, NodeProc, peer, peer_in_state,
+};
 use tailnode_tests::process::TempDir;
 use tailnode_tests::relay::{Mode, TcpProxy, UdpRelay};
 use tailnode_tests::transfer::{run_client, start_server};
@@ -26,13 +28,27 @@ fn localhost() -> SocketAddr {
 /// One checked transfer from `from` to `target` (e.g. "b:7000") through SOCKS5.
 async fn transfer(from: &NodeProc, target: &str, bytes: u64, seed: u64) -> anyhow::Result<()> {
     let socks = from.socks.expect("node has SOCKS5");
-    let stream = tokio::time::timeout(Duration::from_secs(10), Socks5Stream::connect(socks, target)).await??;
-    tokio::time::timeout(Duration::from_secs(60), run_client(stream, bytes, bytes, seed)).await??;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        Socks5Stream::connect(socks, target),
+    )
+    .await??;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        run_client(stream, bytes, bytes, seed),
+    )
+    .await??;
     Ok(())
 }
 
 /// Retries a transfer until it works (bounded), for paths that are recovering.
-async fn transfer_eventually(from: &NodeProc, target: &str, bytes: u64, seed: u64, within: Duration) {
+async fn transfer_eventually(
+    from: &NodeProc,
+    target: &str,
+    bytes: u64,
+    seed: u64,
+    within: Duration,
+) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         match transfer(from, target, bytes, seed).await {
@@ -41,7 +57,11 @@ async fn transfer_eventually(from: &NodeProc, target: &str, bytes: u64, seed: u6
                 tracing::debug!(error = %e, "transfer not yet possible");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => panic!("{}: transfer to {target} never worked: {e:#}\n{}", from.name, from.proc.log()),
+            Err(e) => panic!(
+                "{}: transfer to {target} never worked: {e:#}\n{}",
+                from.name,
+                from.proc.log()
+            ),
         }
     }
 }
@@ -67,7 +87,12 @@ async fn reference_scenario_blackhole_longer_than_lost_peer_timeout_then_recover
     let port_b = tailnode_tests::free_udp_port();
     let relay_a = UdpRelay::start(SocketAddr::from(([127, 0, 0, 1], port_a))).await;
     let relay_b = UdpRelay::start(SocketAddr::from(([127, 0, 0, 1], port_b))).await;
-    let node = |name: &'static str, url: String, port: u16, relay: SocketAddr, socks: bool, extra: Vec<String>| {
+    let node = |name: &'static str,
+                url: String,
+                port: u16,
+                relay: SocketAddr,
+                socks: bool,
+                extra: Vec<String>| {
         let mut extra = extra;
         extra.extend(["--endpoint".into(), relay.to_string()]);
         NodeOptions {
@@ -80,14 +105,34 @@ async fn reference_scenario_blackhole_longer_than_lost_peer_timeout_then_recover
             udp_port: Some(port),
         }
     };
-    let _b = NodeProc::start(&dir, node("b", coord.url(), port_b, relay_b.addr(), false, expose(7000, service))).await;
-    let a = NodeProc::start(
+    let _b = NodeProc::start(
         &dir,
-        node("a", format!("ws://{}", control_a.addr()), port_a, relay_a.addr(), true, vec![]),
+        node(
+            "b",
+            coord.url(),
+            port_b,
+            relay_b.addr(),
+            false,
+            expose(7000, service),
+        ),
     )
     .await;
-    a.wait_status(Duration::from_secs(15), "peer b active", |s| peer_in_state(s, "b", "active"))
-        .await;
+    let a = NodeProc::start(
+        &dir,
+        node(
+            "a",
+            format!("ws://{}", control_a.addr()),
+            port_a,
+            relay_a.addr(),
+            true,
+            vec![],
+        ),
+    )
+    .await;
+    a.wait_status(Duration::from_secs(15), "peer b active", |s| {
+        peer_in_state(s, "b", "active")
+    })
+    .await;
     transfer_eventually(&a, "b:7000", MIB, 1, Duration::from_secs(15)).await;
     let pid_a = a.proc.pid();
 
@@ -97,18 +142,35 @@ async fn reference_scenario_blackhole_longer_than_lost_peer_timeout_then_recover
     relay_b.set_mode(Mode::Blackhole);
     // A notices the silent session in seconds, then every dial times out.
     let during = a
-        .wait_status(Duration::from_secs(30), "b to expire after repeated dial timeouts", |s| {
-            peer_in_state(s, "b", "expired") && s.node.control.dial_failures.get("timeout").copied().unwrap_or(0) >= 3
-        })
+        .wait_status(
+            Duration::from_secs(30),
+            "b to expire after repeated dial timeouts",
+            |s| {
+                peer_in_state(s, "b", "expired")
+                    && s.node
+                        .control
+                        .dial_failures
+                        .get("timeout")
+                        .copied()
+                        .unwrap_or(0)
+                        >= 3
+            },
+        )
         .await;
     assert_ne!(during.node.control.state, "connected");
-    assert_ne!(during.node.control.state, "stopped", "the retry loop must never stop on its own");
+    assert_ne!(
+        during.node.control.state, "stopped",
+        "the retry loop must never stop on its own"
+    );
     assert!(during.node.control.last_error.is_some());
     // Keep it dark a little longer: the loop keeps dialling.
     let dials_before = during.node.control.dials;
     tokio::time::sleep(LOST_PEER_TIMEOUT / 2).await;
     let later = a.status().await.unwrap();
-    assert!(later.node.control.dials > dials_before, "still dialling: {later:?}");
+    assert!(
+        later.node.control.dials > dials_before,
+        "still dialling: {later:?}"
+    );
 
     // Lift the blackhole. Nothing is restarted.
     control_a.set_mode(Mode::Pass);
@@ -143,20 +205,38 @@ async fn coordinator_down_then_restarted() {
     let b = NodeProc::start(&dir, opts("b", false, expose(7000, service))).await;
     let a = NodeProc::start(&dir, opts("a", true, vec![])).await;
     let before = a
-        .wait_status(Duration::from_secs(15), "peer b active", |s| peer_in_state(s, "b", "active"))
+        .wait_status(Duration::from_secs(15), "peer b active", |s| {
+            peer_in_state(s, "b", "active")
+        })
         .await;
     let b_before = b.status().await.unwrap();
     transfer_eventually(&a, "b:7000", MIB, 1, Duration::from_secs(15)).await;
 
     // An open connection, made before the outage.
-    let open = Socks5Stream::connect(a.socks.unwrap(), "b:7000").await.unwrap();
-    coord.proc.signal_and_wait("KILL", Duration::from_secs(5)).expect("coordinator killed");
-    a.wait_status(Duration::from_secs(10), "the session to drop", |s| s.node.control.state != "connected")
-        .await;
+    let open = Socks5Stream::connect(a.socks.unwrap(), "b:7000")
+        .await
+        .unwrap();
+    coord
+        .proc
+        .signal_and_wait("KILL", Duration::from_secs(5))
+        .expect("coordinator killed");
+    a.wait_status(Duration::from_secs(10), "the session to drop", |s| {
+        s.node.control.state != "connected"
+    })
+    .await;
     // (c) The open connection keeps flowing, and a new one by address works.
-    run_client(open, 8 * MIB, 8 * MIB, 2).await.expect("open connection during the outage");
-    let b_addr = b_before.node.addresses.iter().find(|ip| ip.is_ipv4()).unwrap();
-    transfer(&a, &format!("{b_addr}:7000"), MIB, 3).await.expect("new connection by address");
+    run_client(open, 8 * MIB, 8 * MIB, 2)
+        .await
+        .expect("open connection during the outage");
+    let b_addr = b_before
+        .node
+        .addresses
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .unwrap();
+    transfer(&a, &format!("{b_addr}:7000"), MIB, 3)
+        .await
+        .expect("new connection by address");
 
     // (b) Restart on the same port and state file.
     coord = CoordinatorProc::start(&dir, "coordinator2", coord.addr, KEY).await;
@@ -166,11 +246,19 @@ async fn coordinator_down_then_restarted() {
             s.node.control.state == "connected" && peer_in_state(s, "b", "active")
         })
         .await;
-    assert_eq!(after.node.addresses, before.node.addresses, "A keeps its addresses");
+    assert_eq!(
+        after.node.addresses, before.node.addresses,
+        "A keeps its addresses"
+    );
     let b_after = b
-        .wait_status(Duration::from_secs(20), "B reconnects", |s| s.node.control.state == "connected")
+        .wait_status(Duration::from_secs(20), "B reconnects", |s| {
+            s.node.control.state == "connected"
+        })
         .await;
-    assert_eq!(b_after.node.addresses, b_before.node.addresses, "B keeps its addresses");
+    assert_eq!(
+        b_after.node.addresses, b_before.node.addresses,
+        "B keeps its addresses"
+    );
     transfer_eventually(&a, "b:7000", 2 * MIB, 4, Duration::from_secs(10)).await;
 }
 
@@ -192,25 +280,40 @@ async fn goodbye_drops_at_once_kill_expires_after_timeout() {
     };
     let a = NodeProc::start(&dir, opts("a")).await;
     let mut b = NodeProc::start(&dir, opts("b")).await;
-    a.wait_status(Duration::from_secs(15), "peer b", |s| peer_in_state(s, "b", "active"))
-        .await;
-    let status = b.proc.signal_and_wait("TERM", Duration::from_secs(10)).expect("b exits");
+    a.wait_status(Duration::from_secs(15), "peer b", |s| {
+        peer_in_state(s, "b", "active")
+    })
+    .await;
+    let status = b
+        .proc
+        .signal_and_wait("TERM", Duration::from_secs(10))
+        .expect("b exits");
     assert_eq!(status.code(), Some(0));
     // Gone well before the lost-peer timeout could have removed it.
-    a.wait_status(LOST_PEER_TIMEOUT / 2, "b to be dropped at once", |s| peer(s, "b").is_none())
-        .await;
+    a.wait_status(LOST_PEER_TIMEOUT / 2, "b to be dropped at once", |s| {
+        peer(s, "b").is_none()
+    })
+    .await;
 
     let mut c = NodeProc::start(&dir, opts("c")).await;
-    a.wait_status(Duration::from_secs(15), "peer c", |s| peer_in_state(s, "c", "active"))
-        .await;
-    c.proc.signal_and_wait("KILL", Duration::from_secs(5)).expect("c killed");
+    a.wait_status(Duration::from_secs(15), "peer c", |s| {
+        peer_in_state(s, "c", "active")
+    })
+    .await;
+    c.proc
+        .signal_and_wait("KILL", Duration::from_secs(5))
+        .expect("c killed");
     let lost = a
-        .wait_status(Duration::from_secs(3), "c to be lost", |s| peer_in_state(s, "c", "lost"))
+        .wait_status(Duration::from_secs(3), "c to be lost", |s| {
+            peer_in_state(s, "c", "lost")
+        })
         .await;
     assert!(peer(&lost, "c").unwrap().state_seconds.unwrap() < LOST_PEER_TIMEOUT.as_secs_f64());
-    a.wait_status(LOST_PEER_TIMEOUT + Duration::from_secs(5), "c to expire", |s| {
-        peer_in_state(s, "c", "expired")
-    })
+    a.wait_status(
+        LOST_PEER_TIMEOUT + Duration::from_secs(5),
+        "c to expire",
+        |s| peer_in_state(s, "c", "expired"),
+    )
     .await;
 }
 
@@ -236,23 +339,37 @@ async fn bad_auth_key_retries_and_bad_clients_do_not_disturb_others() {
     let d = NodeProc::start(&dir, opts("d", "new-key", false, vec![])).await;
     let rejected = d
         .wait_status(Duration::from_secs(10), "rejections", |s| {
-            s.node.control.dial_failures.get("rejected").copied().unwrap_or(0) >= 2
+            s.node
+                .control
+                .dial_failures
+                .get("rejected")
+                .copied()
+                .unwrap_or(0)
+                >= 2
         })
         .await;
     let err = rejected.node.control.last_error.unwrap();
-    assert!(err.message.contains("auth key"), "clear reason: {}", err.message);
+    assert!(
+        err.message.contains("auth key"),
+        "clear reason: {}",
+        err.message
+    );
 
     // The coordinator is restarted with the node's key: it joins on its own.
     coord.proc.signal_and_wait("TERM", Duration::from_secs(10));
     let _coord = CoordinatorProc::start(&dir, "coordinator2", coord.addr, "new-key").await;
-    d.wait_status(Duration::from_secs(15), "to join", |s| s.node.control.state == "connected")
-        .await;
+    d.wait_status(Duration::from_secs(15), "to join", |s| {
+        s.node.control.state == "connected"
+    })
+    .await;
 
     // Two good nodes, then bad clients hammer the coordinator.
     let b = NodeProc::start(&dir, opts("b", "new-key", false, expose(7000, service))).await;
     let a = NodeProc::start(&dir, opts("a", "new-key", true, vec![])).await;
     let before = a
-        .wait_status(Duration::from_secs(15), "peer b", |s| peer_in_state(s, "b", "active"))
+        .wait_status(Duration::from_secs(15), "peer b", |s| {
+            peer_in_state(s, "b", "active")
+        })
         .await;
     let url = format!("{coord_url}/tailnode/v1/node");
     let bad_frames: Vec<Message> = vec![
@@ -265,7 +382,9 @@ async fn bad_auth_key_retries_and_bad_clients_do_not_disturb_others() {
         Message::binary(vec![1, 2, 3]),
     ];
     for frame in bad_frames {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
         let _ = ws.send(frame).await;
         // An error message (for frames it could read) and then a close.
         let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
@@ -275,7 +394,9 @@ async fn bad_auth_key_retries_and_bad_clients_do_not_disturb_others() {
             other => panic!("unexpected answer: {other:?}"),
         }
     }
-    transfer(&a, "b:7000", MIB, 5).await.expect("transfer after the bad clients");
+    transfer(&a, "b:7000", MIB, 5)
+        .await
+        .expect("transfer after the bad clients");
     let after = a.status().await.unwrap();
     assert_eq!(after.node.control.state, "connected");
     assert_eq!(

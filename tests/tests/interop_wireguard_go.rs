@@ -34,7 +34,7 @@ async fn tailnode_and_wireguard_go_both_ways_v4_and_v6() {
         Some(SocketAddr::new(slot.host_underlay(), udp)),
     );
     // A transfer server on wireguard-go's side, on both tailnet addresses.
-    let _server_in_ns = wg.netns.spawn(
+    let _server_in_ns = wg.netns().spawn(
         "ns-server",
         &testkit_bin(),
         &["serve".into(), format!("[::]:{SERVICE_IN_NS}")],
@@ -108,7 +108,7 @@ async fn tailnode_and_wireguard_go_both_ways_v4_and_v6() {
     .iter()
     .enumerate()
     {
-        let out = wg.netns.exec_unchecked(&[
+        let out = wg.netns().exec_unchecked(&[
             testkit_bin().to_str().unwrap(),
             "client",
             addr,
@@ -125,7 +125,7 @@ async fn tailnode_and_wireguard_go_both_ways_v4_and_v6() {
     }
 
     // 3. A port that is not exposed is refused at once (RST), not timed out.
-    let out = wg.netns.exec_unchecked(&[
+    let out = wg.netns().exec_unchecked(&[
         testkit_bin().to_str().unwrap(),
         "client",
         &format!("{}:{NOT_EXPOSED}", slot.node_v4()),
@@ -143,7 +143,7 @@ async fn tailnode_and_wireguard_go_both_ways_v4_and_v6() {
     // 4. Ping our tailnet addresses from the namespace, IPv4 and IPv6.
     for (flag, addr) in [("-4", slot.node_v4()), ("-6", slot.node_v6())] {
         let out = wg
-            .netns
+            .netns()
             .exec_unchecked(&["ping", flag, "-c", "3", "-i", "0.2", "-W", "2", &addr]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
