@@ -116,7 +116,7 @@ fn create_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
     file.write_all(format!("{}\n", key.to_base64()).as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(err)?;
-    info!(path = %path.display(), public_key = %key.public_key(), "created a new node key");
+    info!(path = %path.display(), public_key = %key.public_key().short(), "created a new node key");
     Ok(key)
 }
 

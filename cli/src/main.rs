@@ -17,8 +17,22 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "tailnode", version, about, long_about = None)]
 struct Cli {
+    /// Log output: `human` (default) or `json` (one object per line). The
+    /// filter comes from RUST_LOG (e.g. `info`, `tailnode=debug`).
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "human", env = "TAILNODE_LOG_FORMAT")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// JSON lines.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,10 +70,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Pubkey => pubkey(),
-        Command::Up(args) => run_async(|cancel| run_up(*args, cancel)),
-        Command::Coordinator(args) => run_async(|cancel| run_coordinator(args, cancel)),
+        Command::Up(args) => run_async(cli.log_format, |cancel| run_up(*args, cancel)),
+        Command::Coordinator(args) => run_async(cli.log_format, |cancel| run_coordinator(args, cancel)),
         Command::Status { json, api } => status(json, api),
-        Command::Demo { socks5 } => run_async(|cancel| tailnode::demo::run_demo(socks5, cancel)),
+        Command::Demo { socks5 } => run_async(cli.log_format, |cancel| tailnode::demo::run_demo(socks5, cancel)),
     }
 }
 
@@ -115,22 +129,25 @@ fn status(json: bool, api: Option<ApiAddr>) -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Runs `f` on a multi-threaded runtime with SIGINT/SIGTERM wired to its
 /// cancellation token; maps configuration problems to exit code 2.
-fn run_async<F, Fut>(f: F) -> ExitCode
+fn run_async<F, Fut>(log_format: LogFormat, f: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    init_logging();
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -253,7 +253,7 @@ impl Node {
         let tasks = TaskTracker::new();
         tasks.spawn(driver.run());
         info!(
-            public_key = %handle.public_key(),
+            public_key = %handle.public_key().short(),
             udp = %local_udp,
             addresses = ?config.addresses,
             "node started"
