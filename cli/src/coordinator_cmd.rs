@@ -16,6 +16,11 @@ use crate::up::ConfigProblem;
 /// Options of `tailnode coordinator`.
 #[derive(Debug, Clone, Args)]
 pub struct CoordinatorArgs {
+    /// TOML file with any of these settings (keys named like the flags);
+    /// TAILNODE_* variables and flags override it.
+    #[arg(long, value_name = "FILE", env = "TAILNODE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on (HTTP; websocket endpoint for nodes and /healthz).
     #[arg(
         long,

@@ -4,7 +4,7 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use tailnode::api::{ApiAddr, default_api, fetch_status};
 use tailnode::coordinator_cmd::{CoordinatorArgs, run_coordinator};
 use tailnode::up::{ConfigProblem, UpArgs, run_up};
@@ -19,7 +19,13 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     /// Log output: `human` (default) or `json` (one object per line). The
     /// filter comes from RUST_LOG (e.g. `info`, `tailnode=debug`).
-    #[arg(long, global = true, value_name = "FORMAT", default_value = "human", env = "TAILNODE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "human",
+        env = "TAILNODE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]
@@ -63,7 +69,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match tailnode::config_file::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("tailnode: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Keygen => {
             println!("{}", PrivateKey::generate().to_base64());
@@ -71,9 +84,13 @@ fn main() -> ExitCode {
         }
         Command::Pubkey => pubkey(),
         Command::Up(args) => run_async(cli.log_format, |cancel| run_up(*args, cancel)),
-        Command::Coordinator(args) => run_async(cli.log_format, |cancel| run_coordinator(args, cancel)),
+        Command::Coordinator(args) => {
+            run_async(cli.log_format, |cancel| run_coordinator(args, cancel))
+        }
         Command::Status { json, api } => status(json, api),
-        Command::Demo { socks5 } => run_async(cli.log_format, |cancel| tailnode::demo::run_demo(socks5, cancel)),
+        Command::Demo { socks5 } => run_async(cli.log_format, |cancel| {
+            tailnode::demo::run_demo(socks5, cancel)
+        }),
     }
 }
 
