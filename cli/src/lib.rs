@@ -23,6 +23,7 @@
 //!   `tailnode coordinator` and `tailnode demo` commands.
 
 pub mod api;
+pub mod config_file;
 pub mod coordinated;
 pub mod coordinator_cmd;
 pub mod demo;
