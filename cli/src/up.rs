@@ -32,6 +32,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Options of `tailnode up`.
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
+    /// TOML file with any of these settings (keys named like the flags, e.g.
+    /// `socks5_direct = true`, `forward = ["tcp:..."]`); TAILNODE_* variables
+    /// and flags override it.
+    #[arg(long, value_name = "FILE", env = "TAILNODE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// WireGuard / wg-quick configuration file with static peers: [Interface]
     /// PrivateKey, Address, ListenPort, MTU; [Peer] PublicKey, PresharedKey,
     /// AllowedIPs, Endpoint, PersistentKeepalive.
@@ -141,6 +147,7 @@ impl UpArgs {
     /// Options with every default and nothing to join (for embedding).
     pub fn empty() -> Self {
         Self {
+            config: None,
             wg_config: None,
             coordinator: None,
             name: None,
