@@ -34,8 +34,9 @@
 //!   bodiless request that meets a silently closed kept connection is retried once on a fresh
 //!   one. `Connection: close` from either side, an HTTP/1.0 client (no `Keep-Alive`
 //!   negotiation), a close-delimited response or a request body not fully forwarded when the
-//!   response ends close the client connection after the response (announced with
-//!   `Connection: close`).
+//!   response starts (an early answer such as 413) close the client connection after the
+//!   response, announced with `Connection: close`; the close drains the client's unread input
+//!   briefly so the response is not lost to a reset.
 //! - Upgrades (e.g. WebSocket): a request with `Connection: upgrade` and `Upgrade` is forwarded
 //!   with both; a `101` answer is forwarded and the connection becomes a tunnel. A 101 nobody
 //!   asked for is a 502.
@@ -52,8 +53,12 @@
 //!   when the dial times out ([`DialError::TimedOut`](crate::socks5::DialError::TimedOut) or the
 //!   connect timeout) or no response head comes within the response timeout; 505 for HTTP
 //!   versions other than 1.0 and 1.1. No method is refused: any token method is forwarded.
-//! - Limits: head deadline, keep-alive idle timeout, connect and response timeouts, at most
+//! - Limits: head deadline, keep-alive idle timeout, connect timeout, response timeout (from the
+//!   end of the request to the final response head; bodies in flight are not timed), at most
 //!   `max_connections` clients (excess ones are accepted and closed at once).
+//! - HTTP versions: the request goes upstream with the client's version and the response comes
+//!   back with the upstream's, so an HTTP/1.0 client never receives a chunked body (a deviation
+//!   from RFC 9110 §6.2, which wants the proxy's own version; it spares re-framing bodies).
 //! - Shutdown: cancelling the token closes the listener, cancels every connection, and
 //!   [`HttpProxyServer::serve`] returns once all connection tasks are gone.
 //! - Logs: one INFO line per request (method, `http://authority/path` without the query, status),

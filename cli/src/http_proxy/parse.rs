@@ -1244,7 +1244,7 @@ pub fn encode_forwarded_request(
 }
 
 /// Appends the response to send to the client for `head`: status line as received, hop-by-hop
-/// fields removed, `Via` added, and `Connection: close` when `close` (the proxy closes the
+/// fields removed (and `Content-Length` when `Transfer-Encoding` is present), `Via` added, and `Connection: close` when `close` (the proxy closes the
 /// client's connection after this response). With `upgrade` (a 101 answering an upgrade
 /// request), `Upgrade` and `Connection: upgrade` are forwarded instead.
 pub fn encode_forwarded_response(
@@ -1257,9 +1257,13 @@ pub fn encode_forwarded_response(
     out.extend_from_slice(format!(" {:03} ", head.status).as_bytes());
     out.extend_from_slice(&head.reason);
     out.extend_from_slice(b"\r\n");
+    // With Transfer-Encoding the Content-Length is meaningless (RFC 9112 §6.3) and two framings
+    // would let the client disagree with us about where the body ends: drop it.
+    let has_te = head.headers.contains("transfer-encoding");
     for h in &head.headers.0 {
         let keep_upgrade = upgrade && h.is("upgrade");
-        if keep_upgrade || !is_hop_by_hop(&h.name, &head.headers) {
+        let dropped_length = has_te && h.is("content-length");
+        if keep_upgrade || !(dropped_length || is_hop_by_hop(&h.name, &head.headers)) {
             encode_field(&h.name, &h.value, out);
         }
     }
@@ -1970,7 +1974,7 @@ mod tests {
     fn forwarded_response_marks_the_close() {
         let (head, _) = response(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
-              Proxy-Authenticate: Basic\r\nTransfer-Encoding: chunked\r\n\r\n",
+              Proxy-Authenticate: Basic\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
         let mut out = Vec::new();
         encode_forwarded_response(&head, true, false, &mut out);

@@ -555,7 +555,9 @@ where
                 self.upstream = Some(upstream);
             }
             if received.client_close {
-                let _ = self.client.shutdown().await;
+                // FIN, then drain briefly: unread client bytes (a body we stopped forwarding)
+                // must not turn the close into a reset that destroys the response.
+                close_with_reply(&mut self.client, &[], self.linger).await;
                 return Some(Outcome::Finished {
                     requests: self.requests,
                 });
@@ -733,6 +735,8 @@ struct Progress {
     final_head: AtomicBool,
     /// The final response head was sent to the client (errors can no longer be answered).
     final_sent: AtomicBool,
+    /// The whole request body went upstream (else the client connection cannot be reused).
+    request_sent: AtomicBool,
 }
 
 /// Sends `request` and its body upstream while the response comes back to the client.
@@ -752,11 +756,17 @@ where
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let progress = Progress::default();
-    let send = send_request(&mut client_r, inbuf, &mut up_w, request, plan.body);
+    let send = send_request(
+        &mut client_r,
+        inbuf,
+        &mut up_w,
+        request,
+        plan.body,
+        &progress,
+    );
     let recv = receive_response(&mut up_r, upbuf, &mut client_w, plan, &progress);
     tokio::pin!(send, recv);
     let mut sending = true;
-    let mut body_complete = false;
     let mut deadline: Option<Instant> = None;
     loop {
         let timer = async {
@@ -770,7 +780,7 @@ where
                 sending = false;
                 deadline = Some(Instant::now() + response_timeout);
                 match sent {
-                    Ok(()) => body_complete = true,
+                    Ok(()) => {}
                     // The upstream may have answered early and closed (e.g. 413): the response
                     // side reports what it got.
                     Err(SendError::Upstream(error)) => debug!(%error, "writing the request upstream failed"),
@@ -789,7 +799,7 @@ where
                     Ok(received) => received,
                     Err(error) => return Err(error.into_exchange_error(&progress)),
                 };
-                if !body_complete {
+                if !progress.request_sent.load(Ordering::Relaxed) {
                     // The rest of the request body is still on its way: the client connection
                     // cannot be resynchronised, nor can the upstream one.
                     received.client_close = true;
@@ -825,6 +835,7 @@ async fn send_request<R, W>(
     upstream: &mut W,
     head: &[u8],
     body: BodyLength,
+    progress: &Progress,
 ) -> Result<(), SendError>
 where
     R: AsyncRead + Unpin,
@@ -848,7 +859,9 @@ where
             pending.clear();
         }
         if tracker.is_done() {
-            return upstream.flush().await.map_err(SendError::Upstream);
+            upstream.flush().await.map_err(SendError::Upstream)?;
+            progress.request_sent.store(true, Ordering::Relaxed);
+            return Ok(());
         }
         inbuf.reserve(RELAY_BUFFER);
         let n = client.read_buf(inbuf).await.map_err(SendError::Client)?;
@@ -980,7 +993,12 @@ where
         silent: false,
     })?;
     let until_close = length == BodyLength::UntilClose;
-    let client_close = !plan.client_keep_alive || !head.keep_alive() || until_close;
+    // A request body still on its way when the response starts means the client connection
+    // cannot be resynchronised: announce the close now.
+    let client_close = !plan.client_keep_alive
+        || !head.keep_alive()
+        || until_close
+        || !progress.request_sent.load(Ordering::Relaxed);
     let upstream_keep_alive = head.keep_alive() && !until_close;
     let mut out = Vec::with_capacity(512);
     encode_forwarded_response(head, client_close, false, &mut out);

@@ -1179,6 +1179,14 @@ async fn connections_over_the_limit_are_closed_at_once() {
 // ---------------------------------------------------------------------------------------------
 // Deadlines, on paused time with in-memory streams: deterministic and instant.
 
+/// Bounds a paused-time test in virtual time: a proxy that hangs fails the test at once instead of
+/// parking it forever.
+async fn bounded<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(1000), fut)
+        .await
+        .expect("hung (in virtual time)")
+}
+
 fn timeouts() -> HttpProxyConfig {
     HttpProxyConfig {
         header_timeout: Duration::from_secs(5),
@@ -1199,7 +1207,7 @@ async fn read_all<S: AsyncRead + Unpin>(stream: &mut S) -> String {
 async fn silent_client_is_closed_at_the_head_deadline_without_an_answer() {
     let (mut client, server_side) = tokio::io::duplex(4096);
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = bounded(serve_connection(server_side, &timeouts(), &PendingDialer)).await;
     assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
     assert_eq!(start.elapsed(), Duration::from_secs(5));
     assert_eq!(read_all(&mut client).await, "");
@@ -1218,7 +1226,7 @@ async fn slow_head_is_answered_408_at_the_deadline() {
         client
     });
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = bounded(serve_connection(server_side, &timeouts(), &PendingDialer)).await;
     assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
     // The head deadline, then 2 s of lingering for a client that keeps sending.
     assert_eq!(start.elapsed(), Duration::from_secs(5 + 2));
@@ -1239,7 +1247,7 @@ async fn dial_exceeding_the_connect_timeout_is_answered_504() {
         .unwrap();
     client.shutdown().await.unwrap();
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = bounded(serve_connection(server_side, &timeouts(), &PendingDialer)).await;
     assert!(
         matches!(outcome, Outcome::Refused { status: 504 }),
         "{outcome:?}"
@@ -1281,10 +1289,13 @@ async fn silent_upstream_is_answered_504_after_the_response_timeout() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     };
     let start = tokio::time::Instant::now();
-    let outcome = tokio::select! {
-        outcome = serve => outcome,
-        () = drive => unreachable!(),
-    };
+    let outcome = bounded(async {
+        tokio::select! {
+            outcome = serve => outcome,
+            () = drive => unreachable!(),
+        }
+    })
+    .await;
     assert!(
         matches!(outcome, Outcome::Refused { status: 504 }),
         "{outcome:?}"
@@ -1322,7 +1333,7 @@ async fn slow_response_body_is_not_cut_by_the_response_timeout() {
         origin.write_all(b"bc").await.unwrap();
         origin
     };
-    let (outcome, _origin) = tokio::join!(serve, drive);
+    let (outcome, _origin) = bounded(async { tokio::join!(serve, drive) }).await;
     assert!(
         matches!(outcome, Outcome::Finished { requests: 1 }),
         "{outcome:?}"
@@ -1353,7 +1364,7 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         origin
     };
     let start = tokio::time::Instant::now();
-    let (outcome, _origin) = tokio::join!(serve, drive);
+    let (outcome, _origin) = bounded(async { tokio::join!(serve, drive) }).await;
     assert!(
         matches!(outcome, Outcome::Idle { requests: 1 }),
         "{outcome:?}"
@@ -1361,4 +1372,156 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(start.elapsed(), Duration::from_secs(50));
     let answer = read_all(&mut client).await;
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}
+
+/// Reads a head (up to and including the empty line) byte by byte.
+async fn read_head_text<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "EOF inside a head"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodiless_request_is_retried_once_when_a_kept_upstream_closes_silently() {
+    let (client, server_side) = tokio::io::duplex(1 << 16);
+    let (first, mut origin1) = tokio::io::duplex(1 << 16);
+    let (second, mut origin2) = tokio::io::duplex(1 << 16);
+    let dialer = DuplexDialer(Mutex::new(vec![second, first]));
+    let config = timeouts();
+    let serve = serve_connection(server_side, &config, &dialer);
+    let drive = async move {
+        let mut client = client;
+        client
+            .write_all(b"GET http://peer/a HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            read_head_text(&mut origin1)
+                .await
+                .starts_with("GET /a HTTP/1.1\r\n")
+        );
+        origin1
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut client).await.1, b"a");
+        client
+            .write_all(b"GET http://peer/b HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        // The kept connection takes the request, then closes without a byte: the keep-alive race.
+        assert!(
+            read_head_text(&mut origin1)
+                .await
+                .starts_with("GET /b HTTP/1.1\r\n")
+        );
+        drop(origin1);
+        assert!(
+            read_head_text(&mut origin2)
+                .await
+                .starts_with("GET /b HTTP/1.1\r\n")
+        );
+        origin2
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(body, b"b");
+        client.shutdown().await.unwrap();
+        origin2
+    };
+    let (outcome, _origin2) = bounded(async { tokio::join!(serve, drive) }).await;
+    assert!(
+        matches!(outcome, Outcome::ClientClosed { requests: 2 }),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn kept_upstream_failing_a_request_with_a_body_is_a_502_not_a_retry() {
+    let (client, server_side) = tokio::io::duplex(1 << 16);
+    let (first, mut origin1) = tokio::io::duplex(1 << 16);
+    let (second, _origin2) = tokio::io::duplex(1 << 16);
+    let dialer = DuplexDialer(Mutex::new(vec![second, first]));
+    let config = timeouts();
+    let serve = serve_connection(server_side, &config, &dialer);
+    let drive = async move {
+        let mut client = client;
+        client
+            .write_all(b"GET http://peer/a HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        read_head_text(&mut origin1).await;
+        origin1
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut client).await;
+        client
+            .write_all(b"POST http://peer/b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        read_head_text(&mut origin1).await;
+        drop(origin1);
+        read_all(&mut client).await
+    };
+    let (outcome, answer) = bounded(async { tokio::join!(serve, drive) }).await;
+    assert!(
+        matches!(outcome, Outcome::Refused { status: 502 }),
+        "{outcome:?}"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{answer}"
+    );
+    assert_eq!(dialer.0.lock().unwrap().len(), 1, "no second dial");
+}
+
+#[tokio::test(start_paused = true)]
+async fn early_answer_to_an_unfinished_upload_announces_and_does_the_close() {
+    let (client, server_side) = tokio::io::duplex(1 << 16);
+    let (upstream, mut origin) = tokio::io::duplex(1 << 16);
+    let dialer = DuplexDialer(Mutex::new(vec![upstream]));
+    let config = timeouts();
+    let serve = serve_connection(server_side, &config, &dialer);
+    let drive = async move {
+        let mut client = client;
+        let mut request =
+            b"POST http://peer/up HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        request.extend_from_slice(&payload(1000, 6));
+        client.write_all(&request).await.unwrap();
+        read_head_text(&mut origin).await;
+        // Refused without reading the body, and (wrongly, but legally) without a close.
+        origin
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut client).await;
+        assert!(
+            head.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+        assert_eq!(body, b"big!");
+        assert_eq!(
+            read_all(&mut client).await,
+            "",
+            "then the connection closes"
+        );
+        origin
+    };
+    let (outcome, _origin) = bounded(async { tokio::join!(serve, drive) }).await;
+    assert!(
+        matches!(outcome, Outcome::Finished { requests: 1 }),
+        "{outcome:?}"
+    );
 }
