@@ -47,7 +47,7 @@ fn keygen_and_pubkey_match_wireguard_tools() {
         let private = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert_eq!(private.len(), 44, "base64 of 32 bytes");
         let ours = pubkey_with(tailnode().arg("pubkey"), &private);
-        let theirs = pubkey_with(&mut Command::new("wg").arg("pubkey"), &private);
+        let theirs = pubkey_with(Command::new("wg").arg("pubkey"), &private);
         assert_eq!(ours, theirs, "public key of {private}");
     }
     // And the other way round: a key made by `wg genkey`.
@@ -55,7 +55,7 @@ fn keygen_and_pubkey_match_wireguard_tools() {
     let private = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(
         pubkey_with(tailnode().arg("pubkey"), &private),
-        pubkey_with(&mut Command::new("wg").arg("pubkey"), &private)
+        pubkey_with(Command::new("wg").arg("pubkey"), &private)
     );
 }
 
