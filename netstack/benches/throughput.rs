@@ -5,7 +5,8 @@
 //!
 //! Tuning knobs (environment, applied to both stacks): `NETSTACK_ACK_DELAY_US` (delayed-ACK
 //! timeout, unset = the default), `NETSTACK_RX_BUF` / `NETSTACK_TX_BUF` (bytes),
-//! `NETSTACK_VERIFY_CHECKSUMS=1`.
+//! `NETSTACK_VERIFY_CHECKSUMS=1`, `NETSTACK_IDLE_CONNS` (idle connections open during the bulk
+//! benchmark, to see the per-socket cost of smoltcp's polling).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -79,9 +80,27 @@ async fn bulk_once(pair: &Pair, port: u16) -> Duration {
     started.elapsed()
 }
 
+/// Opens `n` idle connections from `a` to `b`, kept alive by the returned handles.
+async fn idle_connections(pair: &Pair, n: usize) -> Vec<tailnode_netstack::TcpStream> {
+    let listener = pair.b.listen(9).unwrap();
+    let to = SocketAddr::new(B_V4.into(), 9);
+    let mut streams = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        let (client, server) = tokio::join!(pair.a.connect(to), listener.accept());
+        streams.push(client.unwrap());
+        streams.push(server.unwrap().0);
+    }
+    streams
+}
+
 fn bench_bulk(c: &mut Criterion) {
     let rt = runtime();
     let pair = rt.block_on(async { start_pair() });
+    let idle: usize = std::env::var("NETSTACK_IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let _idle = rt.block_on(idle_connections(&pair, idle));
     let mut group = c.benchmark_group("netstack");
     group.throughput(Throughput::Bytes(BULK as u64));
     group.sample_size(10);

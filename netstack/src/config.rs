@@ -31,7 +31,7 @@ pub struct NetstackConfig {
     /// Transmit buffer per TCP socket in bytes (default 1 MiB).
     pub tcp_tx_buffer: usize,
     /// Bound on live TCP sockets: connecting, established, closing, and sockets created for
-    /// listeners (pending connections and one idle LISTEN socket per busy port). Default 1024.
+    /// listeners (handshakes in progress and connections not yet accepted). Default 1024.
     pub max_tcp_sockets: usize,
     /// Connections per listener that completed or are completing the handshake but were not yet
     /// taken by `accept()`. SYNs beyond it are dropped (the client retries), as Linux does when

@@ -1,29 +1,41 @@
-//! The sans-IO core: smoltcp's `Interface` and `SocketSet` plus the bookkeeping smoltcp leaves
-//! to its user (listen backlogs, socket reclaim, ephemeral ports, close reasons).
+//! The sans-IO core: one smoltcp `Interface` plus the bookkeeping smoltcp leaves to its user
+//! (demultiplexing, listen backlogs, socket reclaim, ephemeral ports, close reasons).
 //!
 //! Everything here runs under the netstack's single mutex and never blocks, sleeps or reads the
 //! clock: the driver passes `now` into [`Core::poll`], and application operations act on the
-//! state as of the last poll. Operations that give smoltcp something to do set
-//! [`Core::wake_driver`]; the caller notifies the driver after releasing the lock.
+//! state as of the last poll. Operations that give smoltcp something to do mark their socket
+//! dirty and set [`Core::wake_driver`]; the caller notifies the driver after releasing the lock.
+//!
+//! # One `SocketSet` per socket
+//!
+//! smoltcp scans every socket of a `SocketSet` for each inbound TCP segment, and its egress pass
+//! visits every socket but emits at most one packet per socket, so with one shared set the cost
+//! of each packet grows with the number of sockets (100 idle connections cut bulk throughput
+//! five-fold). Here every socket lives in a set of its own. Inbound packets are demultiplexed
+//! by 4-tuple (TCP) or port (UDP) before smoltcp sees them; packets nobody owns go to an empty
+//! set, so smoltcp still answers them (RST, ICMP port unreachable, echo reply). Egress runs only
+//! for sockets that are dirty — they received a packet, the application acted on them, or their
+//! smoltcp timer fell due (a min-heap keyed by each socket's `poll_at`).
 //!
 //! # Connection records
 //!
 //! Every TCP socket belongs to a [`Conn`] record addressed by a generational [`ConnId`], so a
-//! handle never reaches a reused smoltcp slot. A record is owned by a listener (handshake in
-//! progress or waiting for `accept`), by the application (a `TcpStream` or a pending `connect`),
-//! or is an orphan (its handle was dropped; it finishes its close and is reclaimed).
+//! handle never reaches a reused slot. A record is owned by a listener (handshake in progress or
+//! waiting for `accept`), by the application (a `TcpStream` or a pending `connect`), or is an
+//! orphan (its handle was dropped; it finishes its close and is reclaimed).
 //!
 //! # Reclaim
 //!
 //! smoltcp never frees sockets. Records that may be ending — a FIN or RST arrived for their
 //! 4-tuple, the application shut down or dropped them — are *watched*: after every poll each
-//! watched socket that reached TIME-WAIT or CLOSED is removed from the `SocketSet`. TIME-WAIT is
-//! not kept in a full socket: the buffers are freed at once and only the 4-tuple is remembered for
-//! the TIME-WAIT period, so ephemeral ports are not reused towards the same peer too early (a
-//! late retransmitted FIN is answered with RST instead of ACK, which ends the peer's LAST-ACK all
-//! the same). Unread data of a cleanly closed stream is kept in the record for the application.
+//! watched socket that reached TIME-WAIT or CLOSED is dropped. TIME-WAIT is not kept in a full
+//! socket: the buffers are freed at once and only the 4-tuple is remembered for the TIME-WAIT
+//! period, so ephemeral ports are not reused towards the same peer too early (a late
+//! retransmitted FIN is answered with RST instead of ACK, which ends the peer's LAST-ACK all the
+//! same). Unread data of a cleanly closed stream is kept in the record for the application.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
@@ -39,7 +51,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::ReadBuf;
 
 use crate::device::{PacketQueues, QueueDevice};
-use crate::inspect::{self, TcpSummary};
+use crate::inspect::{self, Class, TcpSummary};
 use crate::{
     ConnectError, ListenError, NetstackConfig, NetstackError, NetstackStats, UdpBindError,
 };
@@ -63,7 +75,7 @@ pub(crate) const MAX_ADDRESSES: usize = 8;
 type Tuple = (SocketAddr, SocketAddr);
 
 /// Stable identity of a TCP connection record; never reused for a different record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct ConnId {
     index: u32,
     generation: u32,
@@ -89,17 +101,50 @@ pub(crate) enum End {
     Fin,
     /// The peer reset the connection.
     Reset,
-    /// The connection ended without FIN or RST: timeout, local abort, or address removal.
+    /// The connection ended without FIN or RST: `tcp_timeout` expired, or the local address
+    /// was removed.
     Aborted,
 }
 
-/// One TCP connection (or a listener's LISTEN socket).
-#[derive(Debug)]
+/// One smoltcp socket in a `SocketSet` of its own.
+struct Slot {
+    set: SocketSet<'static>,
+    handle: SocketHandle,
+}
+
+impl Slot {
+    fn new(socket: impl smoltcp::socket::AnySocket<'static>) -> Self {
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(socket);
+        Self { set, handle }
+    }
+
+    fn tcp(&mut self) -> &mut tcp::Socket<'static> {
+        self.set.get_mut::<tcp::Socket>(self.handle)
+    }
+
+    fn tcp_ref(&self) -> &tcp::Socket<'static> {
+        self.set.get::<tcp::Socket>(self.handle)
+    }
+
+    fn udp(&mut self) -> &mut udp::Socket<'static> {
+        self.set.get_mut::<udp::Socket>(self.handle)
+    }
+
+    fn udp_ref(&self) -> &udp::Socket<'static> {
+        self.set.get::<udp::Socket>(self.handle)
+    }
+}
+
+/// One TCP connection (or a socket created for a listener).
 pub(crate) struct Conn {
-    socket: Option<SocketHandle>,
+    /// The smoltcp socket; `None` once reclaimed (the record may outlive it for the app).
+    slot: Option<Slot>,
     owner: Owner,
     /// (local, remote), registered in `Core::tuples` while the socket exists.
     tuple: Option<Tuple>,
+    /// Our address of the connection (kept after the socket is gone, for error reporting).
+    local: IpAddr,
     /// Ephemeral port reserved by `connect`.
     connect_port: Option<u16>,
     /// An RST for this 4-tuple arrived.
@@ -107,6 +152,10 @@ pub(crate) struct Conn {
     /// We sent (or queued) our FIN.
     shut_wr: bool,
     watched: bool,
+    /// In `Core::dirty`: egress must run for this socket.
+    dirty: bool,
+    /// The smoltcp `poll_at` this record is scheduled for in `Core::timers`.
+    timer: Option<SmolInstant>,
     end: Option<End>,
     /// Unread data of a connection whose socket was already reclaimed, and the read offset.
     leftover: Vec<u8>,
@@ -114,53 +163,69 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    fn new(socket: SocketHandle, owner: Owner) -> Self {
+    fn new(slot: Slot, owner: Owner, tuple: Tuple) -> Self {
         Self {
-            socket: Some(socket),
+            slot: Some(slot),
             owner,
-            tuple: None,
+            tuple: Some(tuple),
+            local: tuple.0.ip(),
             connect_port: None,
             rst_seen: false,
             shut_wr: false,
             watched: false,
+            dirty: false,
+            timer: None,
             end: None,
             leftover: Vec::new(),
             leftover_pos: 0,
         }
     }
 
-    /// The I/O error for a connection that can no longer carry data in the given direction.
-    fn broken(&self, writing: bool) -> io::Error {
-        let kind = match self.end {
-            Some(End::Reset) => io::ErrorKind::ConnectionReset,
-            _ if self.rst_seen => io::ErrorKind::ConnectionReset,
-            Some(End::Aborted) => io::ErrorKind::ConnectionAborted,
-            _ if writing && self.shut_wr => io::ErrorKind::BrokenPipe,
-            Some(End::Fin) if writing => io::ErrorKind::BrokenPipe,
-            _ => io::ErrorKind::ConnectionAborted,
+    /// The I/O error for a connection that can no longer carry data in the given direction;
+    /// `address_kept` tells whether our address of the connection is still assigned.
+    fn broken(&self, writing: bool, address_kept: bool) -> io::Error {
+        let kind = if self.end == Some(End::Reset) || self.rst_seen {
+            io::ErrorKind::ConnectionReset
+        } else if writing && (self.shut_wr || self.end == Some(End::Fin)) {
+            io::ErrorKind::BrokenPipe
+        } else if !address_kept {
+            io::ErrorKind::AddrNotAvailable
+        } else {
+            // Closed without FIN or RST while the address stayed: `tcp_timeout` expired.
+            io::ErrorKind::TimedOut
         };
         io::Error::from(kind)
     }
 }
 
 /// A port with a `TcpListener`.
-#[derive(Debug)]
 struct Listener {
-    /// Records owned by this listener: LISTEN sockets, handshakes, connections awaiting accept.
+    /// Records owned by this listener: handshakes and connections awaiting accept.
     pending: Vec<ConnId>,
     /// The task blocked in `accept`, registered on every pending socket.
     waker: Option<std::task::Waker>,
 }
 
-/// Verdict of the pre-interface look at an inbound packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Feed,
+/// A UDP socket, keyed by its port.
+struct UdpEntry {
+    slot: Slot,
+    /// The handle was dropped; removed once the queued datagrams are sent.
+    orphan: bool,
+    dirty: bool,
+}
+
+/// Where an inbound TCP segment goes.
+enum Route {
+    /// To this connection's socket.
+    Conn(ConnId),
+    /// To no socket: smoltcp answers with RST (or ignores an RST).
+    Nobody,
+    /// Dropped before smoltcp (SYN beyond a full backlog).
     Drop,
 }
 
 /// A generational slab of connection records.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Slab {
     slots: Vec<(u32, Option<Conn>)>,
     free: Vec<u32>,
@@ -219,12 +284,12 @@ struct Counters {
     packets_in: u64,
     packets_out: u64,
     syn_dropped: u64,
+    fragments_dropped: u64,
 }
 
 /// The state behind the netstack's mutex.
 pub(crate) struct Core {
     iface: Interface,
-    sockets: SocketSet<'static>,
     cfg: NetstackConfig,
     base: Instant,
     /// smoltcp time of the latest poll.
@@ -235,11 +300,17 @@ pub(crate) struct Core {
     tuples: HashMap<Tuple, ConnId>,
     listeners: HashMap<u16, Listener>,
     watch: Vec<ConnId>,
+    /// Connections whose egress must run at the next poll.
+    dirty: Vec<ConnId>,
+    /// smoltcp timers: (poll_at, connection), stale entries skipped (see `Conn::timer`).
+    timers: BinaryHeap<Reverse<(SmolInstant, ConnId)>>,
     connect_ports: HashSet<u16>,
     time_wait: VecDeque<(SmolInstant, Tuple)>,
     time_wait_set: HashSet<Tuple>,
-    udp_ports: HashMap<u16, SocketHandle>,
-    udp_orphans: Vec<u16>,
+    udp: HashMap<u16, UdpEntry>,
+    udp_dirty: Vec<u16>,
+    /// A set without sockets, for packets no socket owns.
+    nobody: SocketSet<'static>,
     tcp_sockets: usize,
     counters: Counters,
     /// Set by operations that gave smoltcp work; cleared by whoever notifies the driver.
@@ -267,7 +338,6 @@ impl Core {
         let addresses = cfg.addresses.clone();
         let mut core = Self {
             iface,
-            sockets: SocketSet::new(Vec::new()),
             rng: StdRng::seed_from_u64(cfg.seed ^ 0x5eed_7a11_0de0_0001),
             cfg,
             base: now,
@@ -277,11 +347,14 @@ impl Core {
             tuples: HashMap::new(),
             listeners: HashMap::new(),
             watch: Vec::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
             connect_ports: HashSet::new(),
             time_wait: VecDeque::new(),
             time_wait_set: HashSet::new(),
-            udp_ports: HashMap::new(),
-            udp_orphans: Vec::new(),
+            udp: HashMap::new(),
+            udp_dirty: Vec::new(),
+            nobody: SocketSet::new(Vec::new()),
             tcp_sockets: 0,
             counters: Counters::default(),
             wake_driver: false,
@@ -297,7 +370,8 @@ impl Core {
 
     /// Replaces the node's addresses (each as a /32 or /128) and the default routes.
     ///
-    /// Connections whose local address disappears are closed by smoltcp without an RST.
+    /// Connections whose local address disappears are closed by smoltcp without an RST at
+    /// their next egress, which this marks due for every connection.
     pub(crate) fn set_addresses(&mut self, addrs: Vec<IpAddr>) -> Result<(), NetstackError> {
         let mut unique: Vec<IpAddr> = Vec::with_capacity(addrs.len());
         for addr in addrs {
@@ -344,7 +418,14 @@ impl Core {
             let _ = routes.add_default_ipv6_route(gw);
         }
         tracing::info!(addresses = ?unique, "netstack: addresses set");
+        let removed = self.addresses.iter().any(|a| !unique.contains(a));
         self.addresses = unique;
+        if removed {
+            let ids: Vec<ConnId> = self.tuples.values().copied().collect();
+            for id in ids {
+                self.touch(id);
+            }
+        }
         self.wake_driver = true;
         Ok(())
     }
@@ -356,10 +437,11 @@ impl Core {
             tcp_connections: self.conns.len,
             tcp_listeners: self.listeners.len(),
             tcp_time_wait: self.time_wait.len(),
-            udp_sockets: self.udp_ports.len(),
+            udp_sockets: self.udp.len(),
             packets_in: self.counters.packets_in,
             packets_out: self.counters.packets_out,
             syn_dropped: self.counters.syn_dropped,
+            fragments_dropped: self.counters.fragments_dropped,
         }
     }
 
@@ -373,6 +455,27 @@ impl Core {
             .iter()
             .copied()
             .find(|a| a.is_ipv4() == remote.is_ipv4())
+    }
+
+    /// Marks a connection for egress at the next poll and asks for that poll.
+    fn touch(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+            self.wake_driver = true;
+        }
+    }
+
+    fn touch_udp(&mut self, port: u16) {
+        if let Some(entry) = self.udp.get_mut(&port) {
+            if !entry.dirty {
+                entry.dirty = true;
+                self.udp_dirty.push(port);
+            }
+            self.wake_driver = true;
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -404,30 +507,26 @@ impl Core {
             processed += 1;
             self.counters.packets_in += 1;
             tracing::trace!(len = packet.len(), "netstack: packet in");
-            if self.admit(&packet) == Verdict::Drop {
-                device.free.push(packet);
-                continue;
-            }
-            device.rx = Some(packet);
-            self.iface
-                .poll_ingress_single(ts, &mut device, &mut self.sockets);
-            device.recycle_rx();
+            self.ingress(ts, &mut device, packet);
         }
-        while self.iface.poll_egress(ts, &mut device, &mut self.sockets) != PollResult::None {}
-        let budget_exhausted = device.tx_budget == 0;
+
+        self.fire_timers(ts);
+        let mut pending_egress = self.egress(ts, &mut device);
 
         let orphan_deadline = self.process_watch(ts);
         self.process_udp_orphans();
+        // Aborts issued by the watch pass have an RST to send.
+        pending_egress |= !self.dirty.is_empty();
         let looped = self.loop_back(queues, out_before);
         let emitted = queues.outbound.len() - out_before;
         self.counters.packets_out += emitted as u64;
         // The poll itself handled whatever the applications asked for.
         self.wake_driver = false;
 
-        if !queues.inbound.is_empty() || budget_exhausted || looped {
+        if !queues.inbound.is_empty() || pending_egress || looped {
             return Some(Duration::ZERO);
         }
-        let mut next = self.iface.poll_at(ts, &self.sockets);
+        let mut next = self.next_timer();
         for deadline in [orphan_deadline, self.time_wait.front().map(|(t, _)| *t)]
             .into_iter()
             .flatten()
@@ -443,109 +542,256 @@ impl Core {
         })
     }
 
-    /// Looks at an inbound packet before smoltcp does: opens LISTEN sockets for SYNs to listened
-    /// ports (or drops the SYN when the backlog is full) and marks connections a FIN or RST is
-    /// addressed to for the reclaim pass.
-    fn admit(&mut self, packet: &[u8]) -> Verdict {
-        let Some(segment) = inspect::tcp_summary(packet) else {
-            return Verdict::Feed;
-        };
-        if segment.is_fin_or_rst()
-            && let Some(&id) = self.tuples.get(&(segment.dst, segment.src))
-        {
-            if let Some(conn) = self.conns.get_mut(id)
-                && segment.is_rst()
-            {
-                conn.rst_seen = true;
+    /// Hands one inbound packet to the socket that owns it (or to nobody).
+    fn ingress(&mut self, ts: SmolInstant, device: &mut QueueDevice<'_>, packet: Vec<u8>) {
+        match inspect::classify(&packet) {
+            Class::Tcp(segment) => match self.route_tcp(&segment) {
+                Route::Conn(id) => {
+                    let Some(slot) = self.conns.get_mut(id).and_then(|c| c.slot.as_mut()) else {
+                        device.free.push(packet);
+                        return;
+                    };
+                    device.rx = Some(packet);
+                    self.iface.poll_ingress_single(ts, device, &mut slot.set);
+                    device.recycle_rx();
+                    if slot.tcp_ref().state() == State::Listen {
+                        // The SYN that opened this socket was not accepted by smoltcp.
+                        self.discard(id);
+                    } else {
+                        self.touch(id);
+                    }
+                }
+                Route::Nobody => {
+                    device.rx = Some(packet);
+                    self.iface.poll_ingress_single(ts, device, &mut self.nobody);
+                    device.recycle_rx();
+                }
+                Route::Drop => device.free.push(packet),
+            },
+            Class::Udp { dst_port } => {
+                let set = match self.udp.get_mut(&dst_port) {
+                    Some(entry) => &mut entry.slot.set,
+                    None => &mut self.nobody,
+                };
+                device.rx = Some(packet);
+                self.iface.poll_ingress_single(ts, device, set);
+                device.recycle_rx();
             }
-            self.watch(id);
+            Class::Fragment => {
+                self.counters.fragments_dropped += 1;
+                tracing::trace!("netstack: dropping fragment");
+                device.free.push(packet);
+            }
+            Class::Other => {
+                device.rx = Some(packet);
+                self.iface.poll_ingress_single(ts, device, &mut self.nobody);
+                device.recycle_rx();
+            }
         }
-        if segment.is_syn() {
-            return self.admit_syn(&segment);
-        }
-        Verdict::Feed
     }
 
-    fn admit_syn(&mut self, segment: &TcpSummary) -> Verdict {
-        let port = segment.dst.port();
-        if !self.listeners.contains_key(&port)
-            || !self.addresses.contains(&segment.dst.ip())
-            || self.tuples.contains_key(&(segment.dst, segment.src))
-        {
-            // Not for a listener (smoltcp answers RST unless a socket takes it), not for us
-            // (smoltcp drops it), or a SYN for an accepted connection.
-            return Verdict::Feed;
+    /// Finds the connection of an inbound segment; opens a socket for a SYN to a listened port
+    /// (or drops the SYN when the backlog is full); marks connections a FIN or RST is addressed
+    /// to for the reclaim pass.
+    fn route_tcp(&mut self, segment: &TcpSummary) -> Route {
+        if let Some(&id) = self.tuples.get(&(segment.dst, segment.src)) {
+            if segment.is_fin_or_rst() {
+                if let Some(conn) = self.conns.get_mut(id)
+                    && segment.is_rst()
+                {
+                    conn.rst_seen = true;
+                }
+                self.watch(id);
+            }
+            return Route::Conn(id);
         }
-        let mut listening = false;
+        let port = segment.dst.port();
+        if segment.is_syn()
+            && self.listeners.contains_key(&port)
+            && self.addresses.contains(&segment.dst.ip())
+        {
+            return self.admit_syn(segment);
+        }
+        Route::Nobody
+    }
+
+    fn admit_syn(&mut self, segment: &TcpSummary) -> Route {
+        let port = segment.dst.port();
+        // Count handshakes and unaccepted connections; drop dead ones on the way.
         let mut in_progress = 0;
         let mut i = 0;
-        while let Some(listener) = self.listeners.get(&port)
-            && let Some(&id) = listener.pending.get(i)
-        {
-            let socket = self.conns.get(id).and_then(|c| c.socket);
-            let Some(handle) = socket else {
-                self.drop_pending(port, i);
-                continue;
-            };
-            let sock = self.sockets.get::<tcp::Socket>(handle);
-            match sock.state() {
-                State::Listen => listening = true,
-                State::Closed => {
-                    // Timed out or reset before anyone accepted it.
-                    self.drop_pending(port, i);
-                    continue;
-                }
-                _ => {
-                    if sock.remote_endpoint().map(SocketAddr::from) == Some(segment.src) {
-                        // Retransmitted SYN of a handshake in progress.
-                        return Verdict::Feed;
-                    }
+        while let Some(&id) = self.listeners.get(&port).and_then(|l| l.pending.get(i)) {
+            let state = self
+                .conns
+                .get(id)
+                .and_then(|c| c.slot.as_ref())
+                .map(|s| s.tcp_ref().state());
+            match state {
+                // Timed out, reset, or back in LISTEN after an RST during the handshake.
+                None | Some(State::Closed | State::Listen) => self.drop_pending(port, i),
+                Some(_) => {
                     in_progress += 1;
+                    i += 1;
                 }
             }
-            i += 1;
-        }
-        if listening {
-            return Verdict::Feed;
         }
         if in_progress >= self.cfg.listen_backlog || self.tcp_sockets >= self.cfg.max_tcp_sockets {
             self.counters.syn_dropped += 1;
             tracing::trace!(%segment.src, port, "netstack: backlog full, dropping SYN");
-            return Verdict::Drop;
+            return Route::Drop;
         }
-        let handle = self.add_tcp_socket();
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut sock = self.new_tcp_socket();
         sock.set_timeout(Some(to_smol(PENDING_TIMEOUT)));
         if sock.listen(port).is_err() {
-            // Port is non-zero, the socket is fresh: listen cannot fail.
-            self.remove_tcp_socket(handle);
-            return Verdict::Feed;
+            // Port is non-zero and the socket fresh: listen cannot fail.
+            return Route::Nobody;
         }
-        let id = self.conns.insert(Conn::new(handle, Owner::Listener(port)));
+        if let Some(waker) = self.listeners.get(&port).and_then(|l| l.waker.as_ref()) {
+            sock.register_recv_waker(waker);
+        }
+        self.tcp_sockets += 1;
+        let tuple = (segment.dst, segment.src);
+        let id = self
+            .conns
+            .insert(Conn::new(Slot::new(sock), Owner::Listener(port), tuple));
+        self.tuples.insert(tuple, id);
         if let Some(listener) = self.listeners.get_mut(&port) {
-            if let Some(waker) = &listener.waker {
-                sock.register_recv_waker(waker);
-            }
             listener.pending.push(id);
         }
-        tracing::trace!(port, "netstack: opened LISTEN socket");
-        Verdict::Feed
+        tracing::trace!(port, remote = %segment.src, "netstack: SYN for listener");
+        Route::Conn(id)
     }
 
-    /// Removes the `i`-th pending record of a listener together with its socket.
+    /// Removes a record and its socket at once, wherever it is referenced.
+    fn discard(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.remove(id) else {
+            return;
+        };
+        if conn.slot.is_some() {
+            self.tcp_sockets -= 1;
+        }
+        if let Some(tuple) = conn.tuple {
+            self.tuples.remove(&tuple);
+        }
+        if let Some(port) = conn.connect_port {
+            self.connect_ports.remove(&port);
+        }
+        if let Owner::Listener(port) = conn.owner
+            && let Some(listener) = self.listeners.get_mut(&port)
+        {
+            listener.pending.retain(|p| *p != id);
+        }
+    }
+
+    /// Removes the `i`-th pending record of the listener on `port` (and the record itself).
     fn drop_pending(&mut self, port: u16, i: usize) {
         let Some(listener) = self.listeners.get_mut(&port) else {
             return;
         };
-        if i >= listener.pending.len() {
-            return;
+        if i < listener.pending.len() {
+            let id = listener.pending.swap_remove(i);
+            self.discard(id);
         }
-        let id = listener.pending.swap_remove(i);
-        if let Some(conn) = self.conns.remove(id)
-            && let Some(handle) = conn.socket
-        {
-            self.remove_tcp_socket(handle);
+    }
+
+    /// Marks due smoltcp timers dirty.
+    fn fire_timers(&mut self, ts: SmolInstant) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > ts {
+                break;
+            }
+            self.timers.pop();
+            if let Some(conn) = self.conns.get_mut(id)
+                && conn.timer == Some(at)
+            {
+                conn.timer = None;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(id);
+                }
+            }
         }
+    }
+
+    /// The earliest live smoltcp timer.
+    fn next_timer(&mut self) -> Option<SmolInstant> {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self.conns.get(id).is_some_and(|c| c.timer == Some(at)) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Runs egress for every dirty socket and schedules their timers. Returns whether work is
+    /// left because the outbound budget ran out.
+    fn egress(&mut self, ts: SmolInstant, device: &mut QueueDevice<'_>) -> bool {
+        let mut i = 0;
+        while let Some(&id) = self.dirty.get(i) {
+            if device.tx_budget == 0 {
+                break;
+            }
+            i += 1;
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            conn.dirty = false;
+            let Some(slot) = conn.slot.as_mut() else {
+                continue;
+            };
+            while self.iface.poll_egress(ts, device, &mut slot.set) != PollResult::None {}
+            if device.tx_budget == 0 {
+                // Possibly more to send: stays dirty for the next poll.
+                conn.dirty = true;
+                i -= 1;
+                break;
+            }
+            let at = self.iface.poll_at(ts, &slot.set);
+            if at != conn.timer {
+                conn.timer = at;
+                if let Some(at) = at {
+                    self.timers.push(Reverse((at.max(ts), id)));
+                    if at < ts {
+                        conn.timer = Some(ts);
+                    }
+                }
+            }
+        }
+        self.dirty.drain(..i);
+        if self.timers.len() > 2 * self.conns.len + 1024 {
+            self.rebuild_timers();
+        }
+
+        let mut j = 0;
+        while let Some(&port) = self.udp_dirty.get(j) {
+            if device.tx_budget == 0 {
+                break;
+            }
+            j += 1;
+            let Some(entry) = self.udp.get_mut(&port) else {
+                continue;
+            };
+            entry.dirty = false;
+            while self.iface.poll_egress(ts, device, &mut entry.slot.set) != PollResult::None {}
+            if device.tx_budget == 0 && entry.slot.udp_ref().send_queue() > 0 {
+                entry.dirty = true;
+                j -= 1;
+                break;
+            }
+        }
+        self.udp_dirty.drain(..j);
+        !self.dirty.is_empty() || !self.udp_dirty.is_empty()
+    }
+
+    /// Drops stale heap entries (left behind by rescheduled or removed connections).
+    fn rebuild_timers(&mut self) {
+        let live: Vec<_> = self
+            .timers
+            .drain()
+            .filter(|Reverse((at, id))| self.conns.get(*id).is_some_and(|c| c.timer == Some(*at)))
+            .collect();
+        self.timers.extend(live);
     }
 
     fn watch(&mut self, id: ConnId) {
@@ -582,17 +828,18 @@ impl Core {
         now: SmolInstant,
         next: &mut Option<SmolInstant>,
     ) -> bool {
+        let orphan_timeout = to_smol(self.cfg.orphan_timeout);
         let Some(conn) = self.conns.get_mut(id) else {
             return false;
         };
         let owner = conn.owner;
-        let Some(handle) = conn.socket else {
+        let Some(slot) = conn.slot.as_mut() else {
             if owner != Owner::App {
-                self.conns.remove(id);
+                self.discard(id);
             }
             return false;
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         match sock.state() {
             State::TimeWait => {
                 self.finish(id, true);
@@ -609,18 +856,16 @@ impl Core {
             }
             _ => {
                 if let Owner::Orphan { deadline } = owner {
-                    let deadline = deadline.unwrap_or(now + to_smol(self.cfg.orphan_timeout));
-                    if let Some(conn) = self.conns.get_mut(id) {
-                        conn.owner = Owner::Orphan {
-                            deadline: Some(deadline),
-                        };
-                    }
-                    let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+                    let deadline = deadline.unwrap_or(now + orphan_timeout);
+                    conn.owner = Owner::Orphan {
+                        deadline: Some(deadline),
+                    };
                     if now >= deadline || sock.recv_queue() > 0 {
                         // Past the close deadline, or data arrived nobody will read: like
                         // Linux on close() with unread data, reset (RFC 2525 §2.17).
                         tracing::debug!(?id, "netstack: resetting orphaned connection");
                         sock.abort();
+                        self.touch(id);
                     } else {
                         *next = Some(next.map_or(deadline, |n: SmolInstant| n.min(deadline)));
                     }
@@ -630,16 +875,17 @@ impl Core {
         }
     }
 
-    /// Removes the socket of a finished connection. If the application still holds the record,
+    /// Drops the socket of a finished connection. If the application still holds the record,
     /// unread data of a clean close is kept for it and the way the connection ended recorded.
     fn finish(&mut self, id: ConnId, time_wait: bool) {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        let Some(handle) = conn.socket.take() else {
+        let Some(mut slot) = conn.slot.take() else {
             return;
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        self.tcp_sockets -= 1;
+        let sock = slot.tcp();
         if time_wait
             && let (Some(local), Some(remote)) = (sock.local_endpoint(), sock.remote_endpoint())
         {
@@ -676,18 +922,18 @@ impl Core {
             conn.leftover_pos = 0;
             tracing::debug!(?id, ?end, "netstack: connection finished");
         }
+        conn.timer = None;
         let tuple = conn.tuple.take();
         let port = conn.connect_port.take();
-        let remove_record = conn.owner != Owner::App;
+        let owner = conn.owner;
         if let Some(tuple) = tuple {
             self.tuples.remove(&tuple);
         }
         if let Some(port) = port {
             self.connect_ports.remove(&port);
         }
-        self.remove_tcp_socket(handle);
-        if remove_record {
-            self.conns.remove(id);
+        if owner != Owner::App {
+            self.discard(id);
         }
     }
 
@@ -702,21 +948,8 @@ impl Core {
     }
 
     fn process_udp_orphans(&mut self) {
-        let mut i = 0;
-        while let Some(&port) = self.udp_orphans.get(i) {
-            let drained = match self.udp_ports.get(&port) {
-                Some(&handle) => self.sockets.get::<udp::Socket>(handle).send_queue() == 0,
-                None => true,
-            };
-            if drained {
-                if let Some(handle) = self.udp_ports.remove(&port) {
-                    self.sockets.remove(handle);
-                }
-                self.udp_orphans.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
+        self.udp
+            .retain(|_, entry| !entry.orphan || entry.slot.udp_ref().send_queue() > 0);
     }
 
     /// Moves packets addressed to one of our own addresses from `outbound[from..]` back to
@@ -740,7 +973,7 @@ impl Core {
     // TCP sockets
     // ---------------------------------------------------------------------------------------
 
-    fn add_tcp_socket(&mut self) -> SocketHandle {
+    fn new_tcp_socket(&self) -> tcp::Socket<'static> {
         let rx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_rx_buffer]);
         let tx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_tx_buffer]);
         let mut sock = tcp::Socket::new(rx, tx);
@@ -748,13 +981,7 @@ impl Core {
         sock.set_ack_delay(self.cfg.tcp_ack_delay.map(to_smol));
         sock.set_keep_alive(self.cfg.tcp_keep_alive.map(to_smol));
         sock.set_timeout(self.cfg.tcp_timeout.map(to_smol));
-        self.tcp_sockets += 1;
-        self.sockets.add(sock)
-    }
-
-    fn remove_tcp_socket(&mut self, handle: SocketHandle) {
-        self.sockets.remove(handle);
-        self.tcp_sockets -= 1;
+        sock
     }
 
     fn pick_port(&mut self, local: IpAddr, remote: SocketAddr) -> Option<u16> {
@@ -789,8 +1016,7 @@ impl Core {
             .pick_port(local_ip, remote)
             .ok_or(ConnectError::NoFreePort)?;
         let local = SocketAddr::new(local_ip, port);
-        let handle = self.add_tcp_socket();
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut sock = self.new_tcp_socket();
         if sock
             .connect(
                 self.iface.context(),
@@ -799,16 +1025,15 @@ impl Core {
             )
             .is_err()
         {
-            self.remove_tcp_socket(handle);
             return Err(ConnectError::InvalidAddress(remote));
         }
-        let mut conn = Conn::new(handle, Owner::App);
-        conn.tuple = Some((local, remote));
+        self.tcp_sockets += 1;
+        let mut conn = Conn::new(Slot::new(sock), Owner::App, (local, remote));
         conn.connect_port = Some(port);
         let id = self.conns.insert(conn);
         self.tuples.insert((local, remote), id);
         self.connect_ports.insert(port);
-        self.wake_driver = true;
+        self.touch(id);
         tracing::debug!(%local, %remote, "netstack: connecting");
         Ok(id)
     }
@@ -819,7 +1044,7 @@ impl Core {
         id: ConnId,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Tuple, ConnectError>> {
-        let Some(conn) = self.conns.get(id) else {
+        let Some(conn) = self.conns.get_mut(id) else {
             return Poll::Ready(Err(ConnectError::TimedOut));
         };
         let failed = if conn.rst_seen || conn.end == Some(End::Reset) {
@@ -827,10 +1052,11 @@ impl Core {
         } else {
             ConnectError::TimedOut
         };
-        let (Some(handle), Some(tuple)) = (conn.socket, conn.tuple) else {
+        let tuple = conn.tuple;
+        let (Some(slot), Some(tuple)) = (conn.slot.as_mut(), tuple) else {
             return Poll::Ready(Err(failed));
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         match sock.state() {
             State::SynSent | State::SynReceived => {
                 sock.register_send_waker(cx.waker());
@@ -847,11 +1073,11 @@ impl Core {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        let Some(handle) = conn.socket else {
-            self.conns.remove(id);
+        let Some(slot) = conn.slot.as_mut() else {
+            self.discard(id);
             return;
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         if graceful && sock.recv_queue() == 0 {
             sock.close();
             conn.shut_wr = true;
@@ -860,7 +1086,7 @@ impl Core {
         }
         conn.owner = Owner::Orphan { deadline: None };
         self.watch(id);
-        self.wake_driver = true;
+        self.touch(id);
     }
 
     /// Reads from `id` into `buf`.
@@ -876,7 +1102,7 @@ impl Core {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let Some(handle) = conn.socket else {
+        let Some(slot) = conn.slot.as_mut() else {
             let rest = &conn.leftover[conn.leftover_pos.min(conn.leftover.len())..];
             if !rest.is_empty() {
                 let n = rest.len().min(buf.remaining());
@@ -890,10 +1116,10 @@ impl Core {
             }
             return Poll::Ready(match conn.end {
                 Some(End::Fin) | None => Ok(()),
-                _ => Err(conn.broken(false)),
+                _ => Err(conn.broken(false, self.addresses.contains(&conn.local))),
             });
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         let capacity = sock.recv_capacity();
         let window_before = capacity - sock.recv_queue();
         let mut read = 0;
@@ -920,14 +1146,14 @@ impl Core {
             // smoltcp announces a reopened window only when it at least doubled; if the window
             // was below half the buffer, this read may be what the sender is waiting for.
             if window_before < capacity / 2 {
-                self.wake_driver = true;
+                self.touch(id);
             }
             return Poll::Ready(Ok(()));
         }
         match outcome {
             Some(Ok(())) => Poll::Ready(Ok(())),
             Some(Err(())) if !matches!(sock.state(), State::SynSent | State::SynReceived) => {
-                Poll::Ready(Err(conn.broken(false)))
+                Poll::Ready(Err(conn.broken(false, self.addresses.contains(&conn.local))))
             }
             _ => {
                 sock.register_recv_waker(cx.waker());
@@ -946,16 +1172,17 @@ impl Core {
         let Some(conn) = self.conns.get_mut(id) else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
         };
-        let Some(handle) = conn.socket else {
-            return Poll::Ready(Err(conn.broken(true)));
+        let address_kept = self.addresses.contains(&conn.local);
+        let Some(slot) = conn.slot.as_mut() else {
+            return Poll::Ready(Err(conn.broken(true, address_kept)));
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         if !sock.may_send() {
             if matches!(sock.state(), State::SynSent | State::SynReceived) {
                 sock.register_send_waker(cx.waker());
                 return Poll::Pending;
             }
-            return Poll::Ready(Err(conn.broken(true)));
+            return Poll::Ready(Err(conn.broken(true, address_kept)));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -966,10 +1193,10 @@ impl Core {
                 Poll::Pending
             }
             Ok(n) => {
-                self.wake_driver = true;
+                self.touch(id);
                 Poll::Ready(Ok(n))
             }
-            Err(_) => Poll::Ready(Err(conn.broken(true))),
+            Err(_) => Poll::Ready(Err(conn.broken(true, address_kept))),
         }
     }
 
@@ -978,20 +1205,20 @@ impl Core {
         let Some(conn) = self.conns.get_mut(id) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let Some(handle) = conn.socket else {
+        let Some(slot) = conn.slot.as_mut() else {
             return match conn.end {
                 Some(End::Reset) => Err(io::ErrorKind::ConnectionReset.into()),
                 _ => Ok(()),
             };
         };
-        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let sock = slot.tcp();
         if sock.state() == State::Closed && conn.rst_seen {
             return Err(io::ErrorKind::ConnectionReset.into());
         }
         sock.close();
         conn.shut_wr = true;
         self.watch(id);
-        self.wake_driver = true;
+        self.touch(id);
         Ok(())
     }
 
@@ -1027,16 +1254,16 @@ impl Core {
             let Some(conn) = self.conns.get_mut(id) else {
                 continue;
             };
-            if let Some(handle) = conn.socket {
-                let sock = self.sockets.get_mut::<tcp::Socket>(handle);
-                sock.abort();
-                conn.owner = Owner::Orphan {
-                    deadline: Some(self.now),
-                };
-                self.watch(id);
-            } else {
-                self.conns.remove(id);
-            }
+            let Some(slot) = conn.slot.as_mut() else {
+                self.discard(id);
+                continue;
+            };
+            slot.tcp().abort();
+            conn.owner = Owner::Orphan {
+                deadline: Some(self.now),
+            };
+            self.watch(id);
+            self.touch(id);
         }
         self.wake_driver = true;
         tracing::info!(port, "netstack: stopped listening");
@@ -1057,32 +1284,27 @@ impl Core {
                 listener.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             };
-            let Some(handle) = self.conns.get(id).and_then(|c| c.socket) else {
+            let Some(conn) = self.conns.get_mut(id) else {
+                listener.pending.swap_remove(i);
+                continue;
+            };
+            let (Some(slot), Some(tuple)) = (conn.slot.as_mut(), conn.tuple) else {
                 self.drop_pending(port, i);
                 continue;
             };
-            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            let sock = slot.tcp();
             match sock.state() {
-                State::Listen | State::SynReceived => {
+                State::SynReceived => {
                     sock.register_recv_waker(cx.waker());
                     i += 1;
                 }
-                State::Closed | State::TimeWait => self.drop_pending(port, i),
+                State::Closed | State::Listen | State::TimeWait => self.drop_pending(port, i),
                 _ => {
-                    let (Some(local), Some(remote)) =
-                        (sock.local_endpoint(), sock.remote_endpoint())
-                    else {
-                        self.drop_pending(port, i);
-                        continue;
-                    };
                     sock.set_timeout(self.cfg.tcp_timeout.map(to_smol));
-                    let tuple = (SocketAddr::from(local), SocketAddr::from(remote));
+                    conn.owner = Owner::App;
                     listener.pending.swap_remove(i);
-                    if let Some(conn) = self.conns.get_mut(id) {
-                        conn.owner = Owner::App;
-                        conn.tuple = Some(tuple);
-                    }
-                    self.tuples.insert(tuple, id);
+                    // The timeout changed: reschedule its timer.
+                    self.touch(id);
                     tracing::debug!(local = %tuple.0, remote = %tuple.1, "netstack: accepted");
                     return Poll::Ready(Ok((id, tuple)));
                 }
@@ -1095,16 +1317,13 @@ impl Core {
     // ---------------------------------------------------------------------------------------
 
     /// Binds a UDP socket to `port` (an ephemeral port if `None` or 0) on all our addresses.
-    pub(crate) fn udp_bind(
-        &mut self,
-        port: Option<u16>,
-    ) -> Result<(SocketHandle, u16), UdpBindError> {
-        if self.udp_ports.len() >= self.cfg.max_udp_sockets {
+    pub(crate) fn udp_bind(&mut self, port: Option<u16>) -> Result<u16, UdpBindError> {
+        if self.udp.len() >= self.cfg.max_udp_sockets {
             return Err(UdpBindError::TooManySockets);
         }
         let port = match port {
             Some(p) if p != 0 => {
-                if self.udp_ports.contains_key(&p) {
+                if self.udp.contains_key(&p) {
                     return Err(UdpBindError::InUse(p));
                 }
                 p
@@ -1113,7 +1332,7 @@ impl Core {
                 let start = self.rng.gen_range(0..EPHEMERAL_COUNT);
                 (0..EPHEMERAL_COUNT)
                     .map(|i| EPHEMERAL_FIRST + (start + i) % EPHEMERAL_COUNT)
-                    .find(|p| !self.udp_ports.contains_key(p))
+                    .find(|p| !self.udp.contains_key(p))
                     .ok_or(UdpBindError::NoFreePort)?
             }
         };
@@ -1127,16 +1346,22 @@ impl Core {
         if sock.bind(port).is_err() {
             return Err(UdpBindError::InUse(port));
         }
-        let handle = self.sockets.add(sock);
-        self.udp_ports.insert(port, handle);
+        self.udp.insert(
+            port,
+            UdpEntry {
+                slot: Slot::new(sock),
+                orphan: false,
+                dirty: false,
+            },
+        );
         tracing::debug!(port, "netstack: UDP socket bound");
-        Ok((handle, port))
+        Ok(port)
     }
 
-    /// Queues one datagram to `target`.
+    /// Queues one datagram from `port` to `target`.
     pub(crate) fn udp_send(
         &mut self,
-        handle: SocketHandle,
+        port: u16,
         cx: &mut Context<'_>,
         data: &[u8],
         target: SocketAddr,
@@ -1165,12 +1390,15 @@ impl Core {
                 ),
             )));
         }
-        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        let Some(entry) = self.udp.get_mut(&port) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let sock = entry.slot.udp();
         let mut meta = udp::UdpMetadata::from(IpEndpoint::from(target));
         meta.local_address = Some(IpAddress::from(local));
         match sock.send_slice(data, meta) {
             Ok(()) => {
-                self.wake_driver = true;
+                self.touch_udp(port);
                 Poll::Ready(Ok(data.len()))
             }
             Err(udp::SendError::BufferFull) => {
@@ -1186,11 +1414,14 @@ impl Core {
     /// Takes one received datagram; a datagram longer than `buf` is truncated.
     pub(crate) fn udp_recv(
         &mut self,
-        handle: SocketHandle,
+        port: u16,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
-        let sock = self.sockets.get_mut::<udp::Socket>(handle);
+        let Some(entry) = self.udp.get_mut(&port) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let sock = entry.slot.udp();
         match sock.recv() {
             Ok((data, meta)) => {
                 let n = data.len().min(buf.len());
@@ -1206,15 +1437,14 @@ impl Core {
 
     /// Closes the UDP socket on `port` once its queued datagrams are sent.
     pub(crate) fn udp_close(&mut self, port: u16) {
-        let Some(&handle) = self.udp_ports.get(&port) else {
+        let Some(entry) = self.udp.get_mut(&port) else {
             return;
         };
-        if self.sockets.get::<udp::Socket>(handle).send_queue() == 0 {
-            self.udp_ports.remove(&port);
-            self.sockets.remove(handle);
+        if entry.slot.udp_ref().send_queue() == 0 {
+            self.udp.remove(&port);
         } else {
-            self.udp_orphans.push(port);
-            self.wake_driver = true;
+            entry.orphan = true;
+            self.touch_udp(port);
         }
     }
 }

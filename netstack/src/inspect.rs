@@ -1,14 +1,15 @@
 //! A minimal, allocation-free look at inbound IP packets before smoltcp sees them.
 //!
-//! The netstack needs three facts about an inbound TCP segment before the interface processes
-//! it: the 4-tuple and the SYN/FIN/RST/ACK flags (RFC 9293 §3.1). SYNs to a listened port may need
-//! a fresh LISTEN socket; FINs and RSTs mark a connection for the post-poll reclaim pass. This
-//! parser reads just enough of the IPv4 (RFC 791) or IPv6 (RFC 8200) header to find the TCP
-//! header; everything it cannot classify is handed to smoltcp unchanged, which validates it fully
-//! (checksums, lengths) and drops what is malformed.
+//! The netstack demultiplexes every inbound packet itself: each socket lives in its own smoltcp
+//! `SocketSet`, so the packet must be handed to the right one. For TCP it needs the 4-tuple and
+//! the SYN/FIN/RST/ACK flags (RFC 9293 §3.1): SYNs to a listened port open a socket, FINs and
+//! RSTs mark a connection for the post-poll reclaim pass. For UDP it needs the destination port.
+//! This parser reads just enough of the IPv4 (RFC 791) or IPv6 (RFC 8200, skipping hop-by-hop,
+//! routing and destination-options headers) header to find the transport header. Everything
+//! else goes to smoltcp unchanged, which validates it fully and drops what is malformed.
 //!
-//! IPv4 fragments and IPv6 packets with extension headers are not classified (smoltcp does not
-//! reassemble them either, see the crate docs).
+//! Fragments (IPv4 MF/offset, IPv6 fragment header) are reported as such: smoltcp is built
+//! without reassembly and would misread a first fragment as a whole datagram.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -22,6 +23,13 @@ pub(crate) const RST: u8 = 0x04;
 pub(crate) const ACK: u8 = 0x10;
 
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const V6_HOP_BY_HOP: u8 = 0;
+const V6_ROUTING: u8 = 43;
+const V6_FRAGMENT: u8 = 44;
+const V6_DEST_OPTS: u8 = 60;
+/// Extension headers walked before giving up (a packet may chain several).
+const V6_MAX_EXTENSIONS: usize = 4;
 const IPV4_MIN_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 /// Bytes of the TCP header we need: ports (4), seq (4), ack (4), offset (1), flags (1).
@@ -55,11 +63,57 @@ impl TcpSummary {
     }
 }
 
-/// Classifies an IP packet as a TCP segment, or returns `None` for anything else (other
-/// protocols, fragments, extension headers, truncated or garbage input).
+/// What an inbound packet is, as far as demultiplexing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// A whole TCP segment.
+    Tcp(TcpSummary),
+    /// A whole UDP datagram to this port.
+    Udp {
+        /// Destination port.
+        dst_port: u16,
+    },
+    /// An IPv4 or IPv6 fragment.
+    Fragment,
+    /// Anything else (ICMP, other protocols, truncated or garbage input).
+    Other,
+}
+
+/// Classifies an inbound IP packet.
+pub(crate) fn classify(packet: &[u8]) -> Class {
+    let Some((proto, src_ip, dst_ip, payload)) = transport(packet) else {
+        return Class::Other;
+    };
+    match proto {
+        Some(PROTO_TCP) if payload.len() >= TCP_PREFIX => {
+            let src_port = u16::from_be_bytes([payload[0], payload[1]]);
+            let dst_port = u16::from_be_bytes([payload[2], payload[3]]);
+            Class::Tcp(TcpSummary {
+                src: SocketAddr::new(src_ip, src_port),
+                dst: SocketAddr::new(dst_ip, dst_port),
+                flags: payload[13],
+            })
+        }
+        Some(PROTO_UDP) if payload.len() >= 8 => Class::Udp {
+            dst_port: u16::from_be_bytes([payload[2], payload[3]]),
+        },
+        None => Class::Fragment,
+        _ => Class::Other,
+    }
+}
+
+/// Classifies an IP packet as a TCP segment, or returns `None` for anything else.
+#[cfg(test)]
 pub(crate) fn tcp_summary(packet: &[u8]) -> Option<TcpSummary> {
-    let version = packet.first()? >> 4;
-    let (src_ip, dst_ip, tcp): (IpAddr, IpAddr, &[u8]) = match version {
+    match classify(packet) {
+        Class::Tcp(summary) => Some(summary),
+        _ => None,
+    }
+}
+
+/// The transport protocol (`None` for a fragment), addresses, and transport payload.
+fn transport(packet: &[u8]) -> Option<(Option<u8>, IpAddr, IpAddr, &[u8])> {
+    match packet.first()? >> 4 {
         4 => {
             if packet.len() < IPV4_MIN_HEADER {
                 return None;
@@ -69,17 +123,20 @@ pub(crate) fn tcp_summary(packet: &[u8]) -> Option<TcpSummary> {
             if header_len < IPV4_MIN_HEADER || total_len < header_len || total_len > packet.len() {
                 return None;
             }
-            // More-fragments flag or a non-zero fragment offset: not a whole segment.
-            let frag = u16::from_be_bytes([packet[6], packet[7]]);
-            if frag & 0x3fff != 0 || packet[9] != PROTO_TCP {
-                return None;
-            }
             let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
             let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-            (src.into(), dst.into(), &packet[header_len..total_len])
+            // More-fragments flag or a non-zero fragment offset: not a whole datagram.
+            let frag = u16::from_be_bytes([packet[6], packet[7]]);
+            let proto = (frag & 0x3fff == 0).then_some(packet[9]);
+            Some((
+                proto,
+                src.into(),
+                dst.into(),
+                &packet[header_len..total_len],
+            ))
         }
         6 => {
-            if packet.len() < IPV6_HEADER || packet[6] != PROTO_TCP {
+            if packet.len() < IPV6_HEADER {
                 return None;
             }
             let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
@@ -89,20 +146,26 @@ pub(crate) fn tcp_summary(packet: &[u8]) -> Option<TcpSummary> {
             }
             let src = ipv6_at(packet, 8)?;
             let dst = ipv6_at(packet, 24)?;
-            (src.into(), dst.into(), &packet[IPV6_HEADER..end])
+            let mut next = packet[6];
+            let mut offset = IPV6_HEADER;
+            for _ in 0..V6_MAX_EXTENSIONS {
+                match next {
+                    V6_HOP_BY_HOP | V6_ROUTING | V6_DEST_OPTS => {
+                        let ext = packet.get(offset..offset + 2)?;
+                        next = ext[0];
+                        offset += (usize::from(ext[1]) + 1) * 8;
+                        if offset > end {
+                            return None;
+                        }
+                    }
+                    V6_FRAGMENT => return Some((None, src.into(), dst.into(), &[])),
+                    _ => break,
+                }
+            }
+            Some((Some(next), src.into(), dst.into(), &packet[offset..end]))
         }
-        _ => return None,
-    };
-    if tcp.len() < TCP_PREFIX {
-        return None;
+        _ => None,
     }
-    let src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    Some(TcpSummary {
-        src: SocketAddr::new(src_ip, src_port),
-        dst: SocketAddr::new(dst_ip, dst_port),
-        flags: tcp[13],
-    })
 }
 
 /// The destination address of an IP packet, if the header is long enough to hold one.
@@ -205,16 +268,63 @@ mod tests {
         let mut pkt = segment(src, dst, TcpControl::Syn, false);
         pkt[6] |= 0x20; // more fragments
         assert_eq!(tcp_summary(&pkt), None);
+        assert_eq!(classify(&pkt), Class::Fragment);
+        let mut pkt = segment(src, dst, TcpControl::Syn, false);
+        pkt[7] = 1; // offset 8 bytes
+        assert_eq!(classify(&pkt), Class::Fragment);
         let pkt = segment(src, dst, TcpControl::Syn, false);
         assert_eq!(tcp_summary(&pkt[..30]), None);
         assert_eq!(tcp_summary(&[]), None);
         assert_eq!(tcp_summary(&[0x45]), None);
     }
 
+    /// Inserts an IPv6 extension header of `len8` 8-octet units after the fixed header.
+    fn with_extension(mut pkt: Vec<u8>, kind: u8, len8: u8) -> Vec<u8> {
+        let size = (usize::from(len8) + 1) * 8;
+        let mut ext = vec![0u8; size];
+        ext[0] = pkt[6];
+        ext[1] = len8;
+        pkt[6] = kind;
+        let payload_len = u16::from_be_bytes([pkt[4], pkt[5]]) as usize + size;
+        pkt[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        pkt.splice(40..40, ext);
+        pkt
+    }
+
+    #[test]
+    fn walks_ipv6_extension_headers() {
+        let src: SocketAddr = "[fd7a:115c:a1e0::2]:5000".parse().unwrap();
+        let dst: SocketAddr = "[fd7a:115c:a1e0::1]:22".parse().unwrap();
+        let pkt = segment(src, dst, TcpControl::Syn, false);
+        let pkt = with_extension(pkt, V6_DEST_OPTS, 1);
+        let pkt = with_extension(pkt, V6_HOP_BY_HOP, 0);
+        let s = tcp_summary(&pkt).unwrap();
+        assert_eq!((s.src, s.dst), (src, dst));
+        assert!(s.is_syn());
+        let frag = with_extension(segment(src, dst, TcpControl::Syn, false), V6_FRAGMENT, 0);
+        assert_eq!(classify(&frag), Class::Fragment);
+        // An extension header running past the payload is not followed.
+        let mut bad = with_extension(segment(src, dst, TcpControl::Syn, false), V6_ROUTING, 0);
+        bad[41] = 200;
+        assert_eq!(classify(&bad), Class::Other);
+    }
+
+    #[test]
+    fn classifies_udp_by_destination_port() {
+        // IPv4 header + UDP header, port 5353.
+        let mut pkt = vec![0u8; 28];
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&28u16.to_be_bytes());
+        pkt[9] = PROTO_UDP;
+        pkt[22..24].copy_from_slice(&5353u16.to_be_bytes());
+        assert_eq!(classify(&pkt), Class::Udp { dst_port: 5353 });
+        assert_eq!(classify(&pkt[..27]), Class::Other);
+    }
+
     proptest! {
         #[test]
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = tcp_summary(&bytes);
+            let _ = classify(&bytes);
             let _ = destination(&bytes);
         }
 

@@ -27,6 +27,8 @@ pub const B_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 2);
 
 /// How long [`Pair::wait_until`] waits (real time) before giving up.
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
+/// How often [`Pair::wait_until`] re-checks its condition between driver rounds.
+const RECHECK: Duration = Duration::from_millis(10);
 /// Spare packet buffers kept between rounds.
 const POOL_LIMIT: usize = 4096;
 
@@ -64,7 +66,8 @@ pub struct Pair {
     /// Stack `b` (100.64.0.2, fd7a:115c:a1e0::2 with [`Pair::configs`]).
     pub b: Netstack,
     control: Arc<Control>,
-    rounds: watch::Receiver<u64>,
+    /// (rounds completed, whether the driver is now waiting for work).
+    rounds: watch::Receiver<(u64, bool)>,
     task: JoinHandle<()>,
 }
 
@@ -131,7 +134,7 @@ impl Pair {
             clock_changed: Notify::new(),
             filter: Mutex::new(None),
         });
-        let (tx, rounds) = watch::channel(0);
+        let (tx, rounds) = watch::channel((0, false));
         let task = tokio::spawn(drive(a.clone(), b.clone(), control.clone(), tx));
         Ok(Self {
             a,
@@ -169,7 +172,23 @@ impl Pair {
             .unwrap_or_else(PoisonError::into_inner) = filter;
     }
 
-    /// Waits, round by round of the driver, until `cond` holds.
+    /// Moves the clock forward by `by`, then waits until the driver has handled everything
+    /// that became due (it polled after the jump and went idle).
+    ///
+    /// # Panics
+    ///
+    /// If the driver does not settle within 20 s of real time.
+    pub async fn advance_settled(&self, by: Duration) {
+        let start = self.rounds.borrow().0;
+        self.advance(by);
+        self.wait_until("the driver settled", |p| {
+            let (round, idle) = *p.rounds.borrow();
+            round > start && idle
+        })
+        .await;
+    }
+
+    /// Waits until `cond` holds, checking it after every round of the driver (and every 10 ms).
     ///
     /// # Panics
     ///
@@ -182,13 +201,21 @@ impl Pair {
             if cond(self) {
                 return;
             }
-            match tokio::time::timeout_at(deadline, rounds.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => panic!("netstack pair driver stopped while waiting until {what}"),
-                Err(_) => panic!(
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
                     "timed out waiting until {what}: a={:?} b={:?}",
                     self.a, self.b
-                ),
+                );
+            }
+            // Re-check after every driver round, and every few milliseconds for conditions
+            // that application tasks make true after the driver went idle.
+            tokio::select! {
+                changed = rounds.changed() => {
+                    if changed.is_err() {
+                        panic!("netstack pair driver stopped while waiting until {what}");
+                    }
+                }
+                _ = tokio::time::sleep(RECHECK) => {}
             }
         }
     }
@@ -200,7 +227,12 @@ impl Drop for Pair {
     }
 }
 
-async fn drive(a: Netstack, b: Netstack, control: Arc<Control>, rounds: watch::Sender<u64>) {
+async fn drive(
+    a: Netstack,
+    b: Netstack,
+    control: Arc<Control>,
+    rounds: watch::Sender<(u64, bool)>,
+) {
     let mut qa = PacketQueues::new();
     let mut qb = PacketQueues::new();
     let mut round = 0u64;
@@ -216,12 +248,11 @@ async fn drive(a: Netstack, b: Netstack, control: Arc<Control>, rounds: watch::S
         qb.free.truncate(POOL_LIMIT);
 
         round += 1;
-        rounds.send_replace(round);
-
         let busy = !qa.inbound.is_empty()
             || !qb.inbound.is_empty()
             || delay_a == Some(Duration::ZERO)
             || delay_b == Some(Duration::ZERO);
+        rounds.send_replace((round, !busy));
         if busy {
             // Let the applications run between rounds (matters on a current-thread runtime).
             tokio::task::yield_now().await;

@@ -7,8 +7,6 @@ use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use smoltcp::iface::SocketHandle;
-
 use crate::Shared;
 
 /// A UDP socket of the netstack.
@@ -19,7 +17,6 @@ use crate::Shared;
 /// other's waker.
 pub struct UdpSocket {
     shared: Arc<Shared>,
-    handle: SocketHandle,
     port: u16,
 }
 
@@ -32,12 +29,8 @@ impl fmt::Debug for UdpSocket {
 }
 
 impl UdpSocket {
-    pub(crate) fn new(shared: Arc<Shared>, handle: SocketHandle, port: u16) -> Self {
-        Self {
-            shared,
-            handle,
-            port,
-        }
+    pub(crate) fn new(shared: Arc<Shared>, port: u16) -> Self {
+        Self { shared, port }
     }
 
     /// The bound port.
@@ -67,9 +60,9 @@ impl UdpSocket {
         data: &[u8],
         target: SocketAddr,
     ) -> Poll<io::Result<usize>> {
-        let handle = self.handle;
+        let port = self.port;
         self.shared
-            .with(|core| core.udp_send(handle, cx, data, target))
+            .with(|core| core.udp_send(port, cx, data, target))
     }
 
     /// Receives one datagram into `buf`: its length (truncated to `buf.len()`, the rest of a
@@ -77,7 +70,8 @@ impl UdpSocket {
     ///
     /// # Errors
     ///
-    /// None at present; the signature leaves room for socket errors.
+    /// `NotConnected` only if the socket's state vanished, which does not happen while it is
+    /// alive.
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         poll_fn(|cx| self.poll_recv_from(cx, buf)).await
     }
@@ -88,8 +82,8 @@ impl UdpSocket {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
-        let handle = self.handle;
-        self.shared.with(|core| core.udp_recv(handle, cx, buf))
+        let port = self.port;
+        self.shared.with(|core| core.udp_recv(port, cx, buf))
     }
 }
 

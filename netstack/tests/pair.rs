@@ -453,22 +453,19 @@ async fn listener_backlog_bounds_pending_connections() {
     assert_eq!(pair.b.stats().tcp_sockets, 2);
     // Accepting frees backlog slots; the clients' SYN retransmissions (after the 1 s RTO, on the
     // injected clock) get through.
-    let (_s1, _) = listener.accept().await.unwrap();
-    let (_s2, _) = listener.accept().await.unwrap();
-    for _ in 0..4 {
-        pair.advance(Duration::from_secs(2));
+    let accept = || tokio::time::timeout(Duration::from_secs(20), listener.accept());
+    let (_s1, _) = accept().await.unwrap().unwrap();
+    let (_s2, _) = accept().await.unwrap().unwrap();
+    for _ in 0..10 {
         if done.load(Ordering::SeqCst) == 4 {
             break;
         }
-        tokio::task::yield_now().await;
+        pair.advance_settled(Duration::from_secs(1)).await;
     }
-    pair.wait_until("all four connected", |p| {
-        p.advance(Duration::from_millis(500));
-        done.load(Ordering::SeqCst) == 4
-    })
-    .await;
-    let (_s3, _) = listener.accept().await.unwrap();
-    let (_s4, _) = listener.accept().await.unwrap();
+    pair.wait_until("all four connected", |_| done.load(Ordering::SeqCst) == 4)
+        .await;
+    let (_s3, _) = accept().await.unwrap().unwrap();
+    let (_s4, _) = accept().await.unwrap().unwrap();
     for c in clients {
         c.await.unwrap();
     }
@@ -610,4 +607,107 @@ async fn works_on_a_current_thread_runtime() {
     let (sent, (len, got)) = tokio::join!(send_all_hashed(client, data), read_all_hashed(server));
     assert_eq!(len, 4 << 20);
     assert_eq!(sent, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_idle_connections_stay_independent() {
+    const N: u32 = 300;
+    let (a, b) = Pair::configs();
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
+    let listener = pair.b.listen(7100).unwrap();
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let to = if i % 2 == 0 {
+            v4(B_V4, 7100)
+        } else {
+            v6(B_V6, 7100)
+        };
+        let (client, server) = tokio::join!(pair.a.connect(to), listener.accept());
+        conns.push((client.unwrap(), server.unwrap().0));
+    }
+    assert_eq!(pair.a.stats().tcp_sockets, N as usize);
+    // A bulk transfer next to them.
+    let (client, server) = connect_accept(&pair, 7101, v4(B_V4, 7101)).await;
+    let data = Arc::new(pattern(4 << 20, 11));
+    let (sent, (len, got)) = tokio::join!(send_all_hashed(client, data), read_all_hashed(server));
+    assert_eq!((len, sent), (4 << 20, got));
+    // Every idle connection still carries its own bytes, in both directions.
+    for (i, (client, server)) in conns.iter_mut().enumerate().rev() {
+        client.write_all(&(i as u32).to_be_bytes()).await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(u32::from_be_bytes(buf), i as u32);
+        server
+            .write_all(&(i as u32 * 7).to_be_bytes())
+            .await
+            .unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(u32::from_be_bytes(buf), i as u32 * 7);
+    }
+    drop(conns);
+    pair.wait_until("all reclaimed", |p| {
+        p.a.stats().tcp_sockets + p.b.stats().tcp_sockets == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_keeps_connections_and_timeout_detects_dead_peers() {
+    let (a, b) = Pair::configs();
+    let tuned = |c: NetstackConfig| NetstackConfig {
+        tcp_keep_alive: Some(Duration::from_secs(10)),
+        tcp_timeout: Some(Duration::from_secs(35)),
+        ..c
+    };
+    let pair = Pair::with_frozen_clock(tuned(a), tuned(b)).unwrap();
+    let listener = pair.b.listen(7200).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let (client, server) = tokio::join!(pair.a.connect(v4(B_V4, 7200)), listener.accept());
+        conns.push((client.unwrap(), server.unwrap().0));
+    }
+    // Idle for 75 s: keep-alives are answered, nothing times out.
+    for _ in 0..15 {
+        pair.advance_settled(Duration::from_secs(5)).await;
+    }
+    assert_eq!(pair.a.stats().tcp_sockets, 20);
+    for (client, server) in &mut conns {
+        client.write_all(b"k").await.unwrap();
+        let mut buf = [0u8; 1];
+        server.read_exact(&mut buf).await.unwrap();
+    }
+    // The peer vanishes: every connection times out on both sides.
+    pair.set_filter(Some(Box::new(|_, _| false)));
+    for _ in 0..10 {
+        pair.advance_settled(Duration::from_secs(5)).await;
+    }
+    for (client, server) in &mut conns {
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            client.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        assert_eq!(
+            server.read(&mut buf).await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+    }
+    drop(conns);
+    pair.wait_until("timed-out sockets reclaimed", |p| {
+        let (a, b) = (p.a.stats(), p.b.stats());
+        a.tcp_sockets + b.tcp_sockets + a.tcp_connections + b.tcp_connections == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_address_ends_its_connections() {
+    let pair = Pair::start().unwrap();
+    let (mut client, _server) = connect_accept(&pair, 7300, v6(B_V6, 7300)).await;
+    pair.a.set_addresses(vec![A_V4.into()]).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        client.read(&mut buf).await.unwrap_err().kind(),
+        io::ErrorKind::AddrNotAvailable
+    );
 }
