@@ -74,6 +74,34 @@ pub(crate) const MAX_ADDRESSES: usize = 8;
 
 type Tuple = (SocketAddr, SocketAddr);
 
+/// A (local, remote) 4-tuple packed for hashing: one `write` into the keyed (DoS-resistant)
+/// default hasher instead of a dozen for two `SocketAddr`s. Layout: family, local address,
+/// remote address (IPv4 in the first 4 of 16 bytes), local port, remote port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct TupleKey([u8; 37]);
+
+impl TupleKey {
+    fn new((local, remote): &Tuple) -> Self {
+        let mut key = [0u8; 37];
+        key[0] = u8::from(local.is_ipv6());
+        let mut put_ip = |at: usize, ip: IpAddr| match ip {
+            IpAddr::V4(v4) => key[at..at + 4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => key[at..at + 16].copy_from_slice(&v6.octets()),
+        };
+        put_ip(1, local.ip());
+        put_ip(17, remote.ip());
+        key[33..35].copy_from_slice(&local.port().to_be_bytes());
+        key[35..37].copy_from_slice(&remote.port().to_be_bytes());
+        Self(key)
+    }
+}
+
+impl std::hash::Hash for TupleKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
+}
+
 /// Stable identity of a TCP connection record; never reused for a different record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct ConnId {
@@ -297,7 +325,7 @@ pub(crate) struct Core {
     rng: StdRng,
     addresses: Vec<IpAddr>,
     conns: Slab,
-    tuples: HashMap<Tuple, ConnId>,
+    tuples: HashMap<TupleKey, ConnId>,
     listeners: HashMap<u16, Listener>,
     watch: Vec<ConnId>,
     /// Connections whose egress must run at the next poll.
@@ -485,7 +513,8 @@ impl Core {
     /// Feeds inbound packets, runs smoltcp, reclaims finished sockets and collects outbound
     /// packets. Returns the delay until the next poll is needed (`None`: only on new input).
     pub(crate) fn poll(&mut self, now: Instant, queues: &mut PacketQueues) -> Option<Duration> {
-        let ts = self.smol_instant(now);
+        // Time never runs backwards for smoltcp, whatever the driver passes.
+        let ts = self.smol_instant(now).max(self.now);
         self.now = ts;
         self.expire_time_wait(ts);
 
@@ -594,7 +623,7 @@ impl Core {
     /// (or drops the SYN when the backlog is full); marks connections a FIN or RST is addressed
     /// to for the reclaim pass.
     fn route_tcp(&mut self, segment: &TcpSummary) -> Route {
-        if let Some(&id) = self.tuples.get(&(segment.dst, segment.src)) {
+        if let Some(&id) = self.tuples.get(&TupleKey::new(&(segment.dst, segment.src))) {
             if segment.is_fin_or_rst() {
                 if let Some(conn) = self.conns.get_mut(id)
                     && segment.is_rst()
@@ -654,7 +683,7 @@ impl Core {
         let id = self
             .conns
             .insert(Conn::new(Slot::new(sock), Owner::Listener(port), tuple));
-        self.tuples.insert(tuple, id);
+        self.tuples.insert(TupleKey::new(&tuple), id);
         if let Some(listener) = self.listeners.get_mut(&port) {
             listener.pending.push(id);
         }
@@ -671,7 +700,7 @@ impl Core {
             self.tcp_sockets -= 1;
         }
         if let Some(tuple) = conn.tuple {
-            self.tuples.remove(&tuple);
+            self.tuples.remove(&TupleKey::new(&tuple));
         }
         if let Some(port) = conn.connect_port {
             self.connect_ports.remove(&port);
@@ -927,7 +956,7 @@ impl Core {
         let port = conn.connect_port.take();
         let owner = conn.owner;
         if let Some(tuple) = tuple {
-            self.tuples.remove(&tuple);
+            self.tuples.remove(&TupleKey::new(&tuple));
         }
         if let Some(port) = port {
             self.connect_ports.remove(&port);
@@ -1031,7 +1060,7 @@ impl Core {
         let mut conn = Conn::new(Slot::new(sock), Owner::App, (local, remote));
         conn.connect_port = Some(port);
         let id = self.conns.insert(conn);
-        self.tuples.insert((local, remote), id);
+        self.tuples.insert(TupleKey::new(&(local, remote)), id);
         self.connect_ports.insert(port);
         self.touch(id);
         tracing::debug!(%local, %remote, "netstack: connecting");
