@@ -776,14 +776,12 @@ impl Core {
                 i -= 1;
                 break;
             }
-            let at = self.iface.poll_at(ts, &slot.set);
+            // A deadline already past means "at the next poll".
+            let at = self.iface.poll_at(ts, &slot.set).map(|at| at.max(ts));
             if at != conn.timer {
                 conn.timer = at;
                 if let Some(at) = at {
-                    self.timers.push(Reverse((at.max(ts), id)));
-                    if at < ts {
-                        conn.timer = Some(ts);
-                    }
+                    self.timers.push(Reverse((at, id)));
                 }
             }
         }
