@@ -13,12 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tailnode_netstack::{Netstack, PacketQueues};
-use tailnode_wg::{DatagramOutcome, Engine, PacketOutcome};
+use tailnode_wg::{DatagramOutcome, Engine, Event, PacketOutcome};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
 use super::{Command, DataPlaneCounters};
 
@@ -92,6 +92,7 @@ impl Driver {
             self.send_outbound(&mut queues, &mut send_buf, local, now)
                 .await;
             self.flush_engine(&mut send_buf, local).await;
+            self.drain_events();
         }
         debug!("packet task stopped");
     }
@@ -180,6 +181,24 @@ impl Driver {
             queues.free.push(packet);
         }
         recycle_excess(&mut queues.free);
+    }
+
+    /// Takes the engine's events (it queues them until asked), logging
+    /// peer lifecycle at INFO.
+    fn drain_events(&mut self) {
+        while let Some(event) = self.engine.poll_event() {
+            match event {
+                Event::HandshakeCompleted { peer, endpoint, initiator } => {
+                    debug!(peer = %peer.short(), %endpoint, initiator, "handshake completed");
+                }
+                Event::HandshakeExpired { peer } => {
+                    info!(peer = %peer.short(), "no handshake answer; WireGuard session given up until new traffic");
+                }
+                Event::EndpointChanged { peer, endpoint } => {
+                    info!(peer = %peer.short(), %endpoint, "peer endpoint changed");
+                }
+            }
+        }
     }
 
     /// Sends what the engine wants to send on its own (handshakes, keepalives,

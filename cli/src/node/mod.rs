@@ -28,6 +28,11 @@ use tracing::{debug, info, warn};
 pub const DEFAULT_MTU: usize = 1420;
 /// Default size of the UDP socket's send and receive buffers.
 pub const DEFAULT_UDP_BUFFER: usize = 4 << 20;
+/// Keep-alive probe interval on idle tailnet TCP connections.
+pub const TCP_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// A tailnet TCP connection whose peer stays silent this long (unanswered
+/// data or keep-alives) is aborted.
+pub const TCP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 /// Default per-connection TCP buffer in the netstack, each direction.
 pub const DEFAULT_TCP_BUFFER: usize = 1 << 20;
 
@@ -229,6 +234,10 @@ impl Node {
         stack_config.mtu = config.mtu;
         stack_config.tcp_rx_buffer = config.tcp_buffer;
         stack_config.tcp_tx_buffer = config.tcp_buffer;
+        // A peer that vanished must not pin connections (and their buffers)
+        // forever: probe idle connections, give up on silent ones.
+        stack_config.tcp_keep_alive = Some(TCP_KEEP_ALIVE);
+        stack_config.tcp_timeout = Some(TCP_TIMEOUT);
         let netstack = Netstack::new(stack_config, now)?;
         let (tx, rx) = mpsc::channel(64);
         let counters = DataPlaneCounters::default();
