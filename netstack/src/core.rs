@@ -12,7 +12,8 @@
 //! visits every socket but emits at most one packet per socket, so with one shared set the cost
 //! of each packet grows with the number of sockets (100 idle connections cut bulk throughput
 //! five-fold). Here every socket lives in a set of its own. Inbound packets are demultiplexed
-//! by 4-tuple (TCP) or port (UDP) before smoltcp sees them; packets nobody owns go to an empty
+//! by 4-tuple (TCP), port (UDP) or echo identifier (ICMP echo replies, see `icmp`) before
+//! smoltcp sees them; packets nobody owns go to an empty
 //! set, so smoltcp still answers them (RST, ICMP port unreachable, echo reply). Egress runs only
 //! for sockets that are dirty — they received a packet, the application acted on them, or their
 //! smoltcp timer fell due (a min-heap keyed by each socket's `poll_at`).
@@ -55,6 +56,10 @@ use crate::inspect::{self, Class, TcpSummary};
 use crate::{
     ConnectError, ListenError, NetstackConfig, NetstackError, NetstackStats, UdpBindError,
 };
+
+mod icmp;
+
+pub(crate) use icmp::IcmpEntry;
 
 /// Inbound packets processed per `poll`; the rest wait for the next call (which `poll` asks for
 /// with a zero delay), so one flood cannot hold the lock indefinitely.
@@ -337,6 +342,9 @@ pub(crate) struct Core {
     time_wait_set: HashSet<Tuple>,
     udp: HashMap<u16, UdpEntry>,
     udp_dirty: Vec<u16>,
+    /// ICMP echo sockets by identifier (see `icmp`).
+    icmp: HashMap<u16, IcmpEntry>,
+    icmp_dirty: Vec<u16>,
     /// A set without sockets, for packets no socket owns.
     nobody: SocketSet<'static>,
     tcp_sockets: usize,
@@ -382,6 +390,8 @@ impl Core {
             time_wait_set: HashSet::new(),
             udp: HashMap::new(),
             udp_dirty: Vec::new(),
+            icmp: HashMap::new(),
+            icmp_dirty: Vec::new(),
             nobody: SocketSet::new(Vec::new()),
             tcp_sockets: 0,
             counters: Counters::default(),
@@ -466,6 +476,7 @@ impl Core {
             tcp_listeners: self.listeners.len(),
             tcp_time_wait: self.time_wait.len(),
             udp_sockets: self.udp.len(),
+            icmp_sockets: self.icmp.len(),
             packets_in: self.counters.packets_in,
             packets_out: self.counters.packets_out,
             syn_dropped: self.counters.syn_dropped,
@@ -544,6 +555,7 @@ impl Core {
 
         let orphan_deadline = self.process_watch(ts);
         self.process_udp_orphans();
+        self.process_icmp_orphans();
         // Aborts issued by the watch pass have an RST to send.
         pending_egress |= !self.dirty.is_empty();
         let looped = self.loop_back(queues, out_before);
@@ -601,6 +613,17 @@ impl Core {
                 let set = match self.udp.get_mut(&dst_port) {
                     Some(entry) => &mut entry.slot.set,
                     None => &mut self.nobody,
+                };
+                device.rx = Some(packet);
+                self.iface.poll_ingress_single(ts, device, set);
+                device.recycle_rx();
+            }
+            Class::EchoReply { dst, ident } => {
+                let set = match self.icmp.get_mut(&ident) {
+                    // Only replies addressed to us: smoltcp checks the destination as well, but
+                    // a reply to somebody else must not reach (or wake) the socket.
+                    Some(entry) if self.addresses.contains(&dst) => entry.set(),
+                    _ => &mut self.nobody,
                 };
                 device.rx = Some(packet);
                 self.iface.poll_ingress_single(ts, device, set);
@@ -808,7 +831,8 @@ impl Core {
             }
         }
         self.udp_dirty.drain(..j);
-        !self.dirty.is_empty() || !self.udp_dirty.is_empty()
+        let icmp_left = self.icmp_egress(ts, device);
+        !self.dirty.is_empty() || !self.udp_dirty.is_empty() || icmp_left
     }
 
     /// Drops stale heap entries (left behind by rescheduled or removed connections).

@@ -10,6 +10,10 @@
 //!
 //! Fragments (IPv4 MF/offset, IPv6 fragment header) are reported as such: smoltcp is built
 //! without reassembly and would misread a first fragment as a whole datagram.
+//!
+//! ICMP echo replies (RFC 792 type 0, RFC 4443 type 129) are reported with their destination and
+//! identifier, so a reply reaches the ICMP socket that sent the request; every other ICMP message
+//! (echo requests included, which smoltcp answers itself) is `Other`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -24,6 +28,14 @@ pub(crate) const ACK: u8 = 0x10;
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// ICMP (RFC 792) echo reply type.
+const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMPv6 (RFC 4443 §4.2) echo reply type.
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Bytes of an echo message header: type, code, checksum, identifier, sequence number.
+const ECHO_HEADER: usize = 8;
 const V6_HOP_BY_HOP: u8 = 0;
 const V6_ROUTING: u8 = 43;
 const V6_FRAGMENT: u8 = 44;
@@ -73,6 +85,13 @@ pub(crate) enum Class {
         /// Destination port.
         dst_port: u16,
     },
+    /// A whole ICMP or ICMPv6 echo reply.
+    EchoReply {
+        /// Destination address (ours, if the reply is for us).
+        dst: IpAddr,
+        /// The echo identifier.
+        ident: u16,
+    },
     /// An IPv4 or IPv6 fragment.
     Fragment,
     /// Anything else (ICMP, other protocols, truncated or garbage input).
@@ -97,6 +116,23 @@ pub(crate) fn classify(packet: &[u8]) -> Class {
         Some(PROTO_UDP) if payload.len() >= 8 => Class::Udp {
             dst_port: u16::from_be_bytes([payload[2], payload[3]]),
         },
+        Some(proto @ (PROTO_ICMP | PROTO_ICMPV6))
+            if payload.len() >= ECHO_HEADER
+                && payload[1] == 0
+                && payload[0]
+                    == if proto == PROTO_ICMP {
+                        ICMP_ECHO_REPLY
+                    } else {
+                        ICMPV6_ECHO_REPLY
+                    }
+                // ICMP over IPv6 or ICMPv6 over IPv4 is not an echo reply of ours.
+                && (proto == PROTO_ICMP) == dst_ip.is_ipv4() =>
+        {
+            Class::EchoReply {
+                dst: dst_ip,
+                ident: u16::from_be_bytes([payload[4], payload[5]]),
+            }
+        }
         None => Class::Fragment,
         _ => Class::Other,
     }
@@ -321,6 +357,106 @@ mod tests {
         assert_eq!(classify(&pkt[..27]), Class::Other);
     }
 
+    /// An ICMP (IPv4) or ICMPv6 echo request or reply.
+    fn echo(src: IpAddr, dst: IpAddr, reply: bool, ident: u16, seq_no: u16) -> Vec<u8> {
+        use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr};
+        let data = b"ping payload";
+        let caps = ChecksumCapabilities::default();
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let icmp = if reply {
+                    Icmpv4Repr::EchoReply {
+                        ident,
+                        seq_no,
+                        data,
+                    }
+                } else {
+                    Icmpv4Repr::EchoRequest {
+                        ident,
+                        seq_no,
+                        data,
+                    }
+                };
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Icmp,
+                    payload_len: icmp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+                let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+                ip.emit(&mut p, &caps);
+                icmp.emit(&mut Icmpv4Packet::new_unchecked(p.payload_mut()), &caps);
+                buf
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let icmp = if reply {
+                    Icmpv6Repr::EchoReply {
+                        ident,
+                        seq_no,
+                        data,
+                    }
+                } else {
+                    Icmpv6Repr::EchoRequest {
+                        ident,
+                        seq_no,
+                        data,
+                    }
+                };
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Icmpv6,
+                    payload_len: icmp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+                let mut p = Ipv6Packet::new_unchecked(&mut buf[..]);
+                ip.emit(&mut p);
+                icmp.emit(
+                    &s,
+                    &d,
+                    &mut Icmpv6Packet::new_unchecked(p.payload_mut()),
+                    &caps,
+                );
+                buf
+            }
+            _ => unreachable!("mixed families"),
+        }
+    }
+
+    #[test]
+    fn classifies_echo_replies_by_destination_and_ident() {
+        for (src, dst) in [
+            ("100.64.0.2", "100.64.0.1"),
+            ("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1"),
+        ] {
+            let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            let reply = echo(src, dst, true, 0xbeef, 7);
+            assert_eq!(classify(&reply), Class::EchoReply { dst, ident: 0xbeef });
+            // Echo requests go to smoltcp's automatic reply, not to a socket.
+            assert_eq!(classify(&echo(src, dst, false, 0xbeef, 7)), Class::Other);
+            // A reply cut short of its identifier is not an echo reply.
+            let header = if dst.is_ipv4() { 20 } else { 40 };
+            let mut short = reply[..header + 5].to_vec();
+            if dst.is_ipv4() {
+                let len = short.len() as u16;
+                short[2..4].copy_from_slice(&len.to_be_bytes());
+            } else {
+                short[4..6].copy_from_slice(&5u16.to_be_bytes());
+            }
+            assert_eq!(classify(&short), Class::Other);
+        }
+        // An ICMPv4 echo reply carried over IPv6 (next header 1) is not ours.
+        let src: IpAddr = "fd7a:115c:a1e0::2".parse().unwrap();
+        let dst: IpAddr = "fd7a:115c:a1e0::1".parse().unwrap();
+        let mut pkt = echo(src, dst, true, 1, 1);
+        pkt[6] = PROTO_ICMP;
+        pkt[40] = ICMP_ECHO_REPLY;
+        assert_eq!(classify(&pkt), Class::Other);
+    }
+
     proptest! {
         #[test]
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -349,6 +485,17 @@ mod tests {
                 prop_assert!(pkt.len() >= 34);
                 prop_assert_eq!(s.src.is_ipv4(), s.dst.is_ipv4());
             }
+        }
+
+        #[test]
+        fn round_trips_echo_replies(ident in any::<u16>(), seq in any::<u16>(), v6 in any::<bool>()) {
+            let (src, dst): (IpAddr, IpAddr) = if v6 {
+                ("fd7a:115c:a1e0::2".parse().unwrap(), "fd7a:115c:a1e0::1".parse().unwrap())
+            } else {
+                ("100.64.0.2".parse().unwrap(), "100.64.0.1".parse().unwrap())
+            };
+            prop_assert_eq!(classify(&echo(src, dst, true, ident, seq)), Class::EchoReply { dst, ident });
+            prop_assert_eq!(classify(&echo(src, dst, false, ident, seq)), Class::Other);
         }
 
         #[test]

@@ -74,8 +74,10 @@
 //!   [`NetstackConfig::orphan_timeout`] is reset. [`Netstack::stats`] shows what is alive.
 //! - **TCP tuning.** Nagle off, window scaling on, buffers from the config, delayed ACK off by
 //!   default (ACKs go out once per poll, i.e. per burst of inbound packets).
-//! - **ICMP.** Echo requests to our addresses are answered by smoltcp; datagrams to closed UDP
-//!   ports get ICMP port unreachable.
+//! - **ICMP.** Echo requests to our addresses are answered by smoltcp, whatever sockets are
+//!   open; datagrams to closed UDP ports get ICMP port unreachable. An [`IcmpSocket`] (see
+//!   [`Netstack::bind_icmp`]) sends echo requests and receives the echo replies addressed to us
+//!   that carry its identifier: replies are demultiplexed by identifier like UDP by port.
 //!
 //! # Limitations
 //!
@@ -99,7 +101,8 @@
 //! - `device` — [`PacketQueues`] and the smoltcp device over them.
 //! - `inspect` — allocation-free TCP header look-up for inbound packets.
 //! - `core` — the state behind the mutex: interface, sockets, records, reclaim.
-//! - `tcp`, `udp` — the async application handles.
+//! - `tcp`, `udp`, `icmp` — the async application handles (`core::icmp` is the echo sockets'
+//!   side of the core).
 //! - [`testing`] — two netstacks wired back to back in memory (tests and benchmarks).
 
 use std::fmt;
@@ -111,6 +114,7 @@ use std::time::{Duration, Instant};
 mod config;
 mod core;
 mod device;
+mod icmp;
 mod inspect;
 mod tcp;
 #[doc(hidden)]
@@ -119,6 +123,7 @@ mod udp;
 
 pub use crate::config::NetstackConfig;
 pub use crate::device::PacketQueues;
+pub use crate::icmp::{EchoReply, IcmpBindError, IcmpSocket};
 pub use crate::tcp::{TcpListener, TcpStream};
 pub use crate::udp::UdpSocket;
 
@@ -217,6 +222,8 @@ pub struct NetstackStats {
     pub tcp_time_wait: usize,
     /// UDP sockets alive (including dropped ones still sending queued datagrams).
     pub udp_sockets: usize,
+    /// ICMP echo sockets alive (including dropped ones still sending queued requests).
+    pub icmp_sockets: usize,
     /// Inbound packets handed to `poll` so far.
     pub packets_in: u64,
     /// Outbound packets produced by `poll` so far.
@@ -346,6 +353,17 @@ impl Netstack {
     pub fn bind_udp(&self, local_port: Option<u16>) -> Result<UdpSocket, UdpBindError> {
         let port = self.shared.with(|core| core.udp_bind(local_port))?;
         Ok(UdpSocket::new(self.shared.clone(), port))
+    }
+
+    /// Opens an ICMP echo socket with echo identifier `ident` (a random free one if `None`), for
+    /// pinging tailnet addresses over IPv4 and IPv6.
+    ///
+    /// # Errors
+    ///
+    /// [`IcmpBindError`] if the identifier is taken or too many echo sockets are open.
+    pub fn bind_icmp(&self, ident: Option<u16>) -> Result<IcmpSocket, IcmpBindError> {
+        let ident = self.shared.with(|core| core.icmp_bind(ident))?;
+        Ok(IcmpSocket::new(self.shared.clone(), ident))
     }
 
     /// Live sockets and counters.
