@@ -14,6 +14,7 @@
 //! - [`socks5`]: the SOCKS5 server (RFC 1928/1929), generic over a [`socks5::Dialer`].
 //! - [`dialer`]: the node's dialer: tailnet, direct from the host, or refused.
 //! - [`forward`] and [`expose`]: local → tailnet and tailnet → local TCP.
+//! - [`udp_forward`]: local → tailnet UDP forwards, one tailnet socket per local client.
 //! - [`relay`] and [`stream`]: the byte relay and stream type every proxy path shares.
 //! - [`coordinated`]: the node as the controller's data plane (coordinated
 //!   peers, assigned addresses, endpoint candidates); [`identity`] keeps the
@@ -37,4 +38,5 @@ pub mod node;
 pub mod relay;
 pub mod socks5;
 pub mod stream;
+pub mod udp_forward;
 pub mod up;

@@ -24,7 +24,8 @@ use crate::expose::{ExposeSpec, serve_exposure};
 use crate::forward::{ForwardSpec, Protocol, serve_tcp_forward};
 use crate::identity::{default_key_file, load_or_create_key};
 use crate::node::{Node, NodeConfig, NodeHandle};
-use crate::socks5::{Socks5Config, Socks5Server};
+use crate::socks5::{Credentials, Socks5Config, Socks5Server};
+use crate::udp_forward::{DEFAULT_UDP_IDLE_TIMEOUT, UdpForward, UdpForwardConfig};
 
 /// How long shutdown waits for connections to drain before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -119,10 +120,36 @@ pub struct UpArgs {
     #[arg(long, env = "TAILNODE_SOCKS5_DIRECT")]
     pub socks5_direct: bool,
 
-    /// Port forward, repeatable: tcp:LOCAL_ADDR:PORT=TAILNET_ADDR:PORT
-    /// (LOCAL_ADDR:PORT may be a bare port, meaning 127.0.0.1).
+    /// Username SOCKS5 clients must present (RFC 1929); needs --socks5-pass.
+    #[arg(long, value_name = "USER", env = "TAILNODE_SOCKS5_USER")]
+    pub socks5_user: Option<String>,
+
+    /// Password SOCKS5 clients must present; needs --socks5-user. Prefer the
+    /// environment variable: command lines are visible to other users.
+    #[arg(
+        long,
+        value_name = "PASS",
+        env = "TAILNODE_SOCKS5_PASS",
+        hide_env_values = true
+    )]
+    pub socks5_pass: Option<String>,
+
+    /// Allow SOCKS5 on a non-loopback address without credentials: anyone
+    /// who can reach that address can then use the tailnet (and, with
+    /// --socks5-direct, the host's network) through it.
+    #[arg(long)]
+    pub socks5_insecure_public: bool,
+
+    /// Port forward, repeatable: tcp:LOCAL_ADDR:PORT=TAILNET_ADDR:PORT or
+    /// udp:LOCAL_ADDR:PORT=TAILNET_ADDR:PORT (LOCAL_ADDR:PORT may be a bare
+    /// port, meaning 127.0.0.1).
     #[arg(long, value_name = "SPEC")]
     pub forward: Vec<ForwardSpec>,
+
+    /// UDP forward flows and SOCKS5 UDP associations with no datagram either
+    /// way for this long are closed (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub udp_idle_timeout: Duration,
 
     /// Expose a local TCP service to the tailnet, repeatable: PORT (to
     /// 127.0.0.1:PORT) or PORT=HOST:PORT.
@@ -161,7 +188,11 @@ impl UpArgs {
             endpoints: Vec::new(),
             socks5: ListenAddr::Off,
             socks5_direct: false,
+            socks5_user: None,
+            socks5_pass: None,
+            socks5_insecure_public: false,
             forward: Vec::new(),
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             expose: Vec::new(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             listen_port: None,
@@ -176,6 +207,7 @@ impl UpArgs {
             ("--ping-interval", self.ping_interval),
             ("--lost-peer-timeout", self.lost_peer_timeout),
             ("--connect-timeout", self.connect_timeout),
+            ("--udp-idle-timeout", self.udp_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigProblem(format!("{flag} must be greater than 0")));
@@ -191,7 +223,41 @@ impl UpArgs {
         {
             return Err(ConfigProblem("--name must not be empty".into()));
         }
+        let credentials = self.proxy_credentials()?;
+        if let ListenAddr::On(addr) = self.socks5
+            && !addr.ip().to_canonical().is_loopback()
+            && credentials.is_none()
+            && !self.socks5_insecure_public
+        {
+            return Err(ConfigProblem(format!(
+                "refusing to serve SOCKS5 on {addr} without credentials: anyone who can reach \
+                 it could use the tailnet through it. Set --socks5-user and --socks5-pass \
+                 (or TAILNODE_SOCKS5_USER and TAILNODE_SOCKS5_PASS), listen on a loopback \
+                 address, or pass --socks5-insecure-public if this is really wanted"
+            )));
+        }
         Ok(())
+    }
+
+    /// The credentials proxy clients must present (`--socks5-user` and
+    /// `--socks5-pass`), or `None` when neither is set.
+    ///
+    /// # Errors
+    /// [`ConfigProblem`] when only one of the two is set, or one is empty or
+    /// longer than 255 bytes (RFC 1929).
+    pub fn proxy_credentials(&self) -> Result<Option<Credentials>, ConfigProblem> {
+        match (&self.socks5_user, &self.socks5_pass) {
+            (None, None) => Ok(None),
+            (Some(user), Some(pass)) => Credentials::new(user.as_str(), pass.as_str())
+                .map(Some)
+                .map_err(|e| ConfigProblem(format!("--socks5-user/--socks5-pass: {e}"))),
+            (Some(_), None) => Err(ConfigProblem(
+                "--socks5-user needs --socks5-pass (or TAILNODE_SOCKS5_PASS)".into(),
+            )),
+            (None, Some(_)) => Err(ConfigProblem(
+                "--socks5-pass needs --socks5-user (or TAILNODE_SOCKS5_USER)".into(),
+            )),
+        }
     }
 }
 
@@ -407,10 +473,12 @@ pub async fn serve_everything(
         }
         let dialer = Arc::new(dialer);
         let config = Socks5Config {
+            auth: args.proxy_credentials()?,
             connect_timeout: args.connect_timeout,
+            udp_idle_timeout: args.udp_idle_timeout,
             ..Socks5Config::default()
         };
-        let server = Socks5Server::new(config, dialer);
+        let server = Socks5Server::new(config, Arc::clone(&dialer)).with_udp(dialer);
         let cancel = cancel.clone();
         tasks.spawn(async move {
             if let Err(e) = server.serve(listener, cancel).await {
@@ -435,9 +503,14 @@ pub async fn serve_everything(
                 ));
             }
             Protocol::Udp => {
-                return Err(
-                    ConfigProblem(format!("{spec}: UDP forwards are not supported yet")).into(),
-                );
+                let config = UdpForwardConfig {
+                    idle_timeout: args.udp_idle_timeout,
+                    ..UdpForwardConfig::default()
+                };
+                let forward = UdpForward::bind(spec.local, spec.remote, handle.clone(), config)
+                    .await
+                    .with_context(|| format!("cannot listen for forward {spec}"))?;
+                tasks.spawn(forward.serve(cancel.clone()));
             }
         }
     }
@@ -517,5 +590,56 @@ pub fn peer_config(peer: &PeerSection, endpoint: Option<SocketAddr>) -> PeerConf
         allowed_ips: peer.allowed_ips.clone(),
         endpoint,
         persistent_keepalive: peer.persistent_keepalive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socks_on(addr: &str) -> UpArgs {
+        let mut args = UpArgs::empty();
+        args.socks5 = ListenAddr::On(addr.parse().expect("addr"));
+        args
+    }
+
+    #[test]
+    fn public_socks5_needs_credentials_or_the_explicit_flag() {
+        for loopback in [
+            "127.0.0.1:1080",
+            "127.3.4.5:1080",
+            "[::1]:1080",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(socks_on(loopback).check().is_ok(), "{loopback}");
+        }
+        for public in ["0.0.0.0:1080", "[::]:1080", "192.0.2.1:1080"] {
+            let error = socks_on(public).check().expect_err(public).to_string();
+            assert!(error.contains("--socks5-insecure-public"), "{error}");
+            let mut args = socks_on(public);
+            args.socks5_insecure_public = true;
+            assert!(args.check().is_ok(), "{public} with the flag");
+            let mut args = socks_on(public);
+            args.socks5_user = Some("alice".into());
+            args.socks5_pass = Some("s3cret".into());
+            assert!(args.check().is_ok(), "{public} with credentials");
+        }
+    }
+
+    #[test]
+    fn credentials_come_in_pairs_and_fit_rfc1929() {
+        let mut args = UpArgs::empty();
+        assert!(matches!(args.proxy_credentials(), Ok(None)));
+        args.socks5_user = Some("alice".into());
+        assert!(args.check().is_err(), "user without password");
+        args.socks5_pass = Some("s3cret".into());
+        let credentials = args.proxy_credentials().expect("valid").expect("some");
+        assert!(credentials.verify(b"alice", b"s3cret"));
+        args.socks5_user = None;
+        assert!(args.check().is_err(), "password without user");
+        args.socks5_user = Some("u".repeat(256));
+        assert!(args.check().is_err(), "username too long");
+        args.socks5_user = Some(String::new());
+        assert!(args.check().is_err(), "empty username");
     }
 }

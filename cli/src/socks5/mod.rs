@@ -1,5 +1,6 @@
-//! SOCKS5 proxy: RFC 1928 CONNECT with RFC 1929 username/password authentication, dialing through
-//! a pluggable [`Dialer`] (the node's tailnet dialer, or the host's network).
+//! SOCKS5 proxy: RFC 1928 CONNECT and UDP ASSOCIATE with RFC 1929 username/password
+//! authentication, dialing through a pluggable [`Dialer`] and [`UdpDialer`] (the node's tailnet
+//! dialer, or the host's network).
 //!
 //! # Layout
 //!
@@ -8,9 +9,13 @@
 //!   `Vec<u8>`. Includes the RFC 1928 §7 UDP datagram header for UDP ASSOCIATE.
 //! - [`handshake`]: the server-side handshake (method selection, authentication, request) as a
 //!   state machine that turns input bytes into [`Step`]s. No socket, no clock.
+//! - [`association`]: one UDP association's filters (which client datagrams and which replies may
+//!   pass), counters and idle deadline, sans-IO.
 //! - `server`: the tokio driver. [`Socks5Server::serve`] accepts on a `TcpListener` and runs one
 //!   task per client; the task reads into a bounded buffer under the handshake deadline, dials,
 //!   replies and relays with `copy_bidirectional_with_sizes`.
+//! - [`udp`]: the UDP capability traits ([`UdpDialer`], [`UdpEgress`]), the server's
+//!   [`Socks5Counters`], and the driver of one UDP association.
 //!
 //! # Contract
 //!
@@ -19,7 +24,8 @@
 //!   not lost to a TCP reset.
 //! - Answers to bad input: greeting with VER != 5 or NMETHODS = 0, or without an acceptable method:
 //!   `05 FF`. Bad RFC 1929 message or wrong credentials: `01 01`. Request with VER != 5: 0x01;
-//!   unknown CMD: 0x07; BIND and (for now) UDP ASSOCIATE: 0x07; unknown ATYP: 0x08; empty, over
+//!   unknown CMD: 0x07; BIND, and UDP ASSOCIATE on a server without [`Socks5Server::with_udp`]:
+//!   0x07; unknown ATYP: 0x08; empty, over
 //!   253 bytes, non-UTF-8 or control-character domain: 0x01. Dial failures map through
 //!   [`DialError::reply_code`]; a dial exceeding the connect timeout is 0x06.
 //! - Every failure reply carries BND = `0.0.0.0:0` (ATYP 1).
@@ -34,17 +40,28 @@
 //! - Logs: one INFO line when a relay starts and one when a connection ends, with client and
 //!   target; passwords are never logged.
 //!
-//! # Extending to UDP ASSOCIATE
 //!
-//! [`Command::UdpAssociate`] is already decoded; the driver answers it 0x07 in one match arm.
-//! Supporting it means: a UDP dialing capability (a second trait or a method on [`Dialer`]), a
-//! relay socket whose address goes in the reply, datagrams parsed with
-//! [`proto::decode_udp_datagram`] (fragments dropped) and answered with
-//! [`proto::encode_udp_header`], and the association torn down when the TCP connection closes.
+//! # UDP ASSOCIATE (RFC 1928 §7)
+//!
+//! - The relay socket is bound on the IP the client reached the proxy on (port 0), and its address
+//!   is the reply's BND.ADDR/BND.PORT. The egress ([`UdpDialer::open_udp`]) is opened before the
+//!   reply, so that a failure is answered with its reply code.
+//! - Client datagrams are accepted from the control connection's IP only, then from one port
+//!   (see [`association`]); FRAG != 0 is dropped and counted; payloads above
+//!   [`Socks5Config::udp_max_datagram`] are dropped and counted. Replies are accepted only from
+//!   endpoints the client sent to and carry their source in the §7 header.
+//! - The association ends when its control connection closes or fails, after
+//!   [`Socks5Config::udp_idle_timeout`] without a datagram (the control connection is then
+//!   closed), or on shutdown; its relay and egress sockets are released with it.
+//! - At most [`Socks5Config::max_udp_associations`] at once; further requests get 0x01.
+//! - Logs: INFO when an association opens and when it closes (with its counts), DEBUG per dropped
+//!   datagram, TRACE per relayed datagram.
 
+pub mod association;
 pub mod handshake;
 pub mod proto;
 mod server;
+pub mod udp;
 
 #[cfg(test)]
 mod tests;
@@ -52,3 +69,4 @@ mod tests;
 pub use handshake::{Credentials, CredentialsError, Handshake, HandshakeError, Step};
 pub use proto::{Command, ProtocolError, ReplyCode, TargetAddr};
 pub use server::{DialError, Dialer, Socks5Config, Socks5Server};
+pub use udp::{NoUdp, Socks5Counters, Socks5Stats, UdpDialer, UdpEgress};

@@ -499,6 +499,30 @@ pub fn encode_udp_header(target: &TargetAddr, out: &mut Vec<u8>) {
     target.encode(out);
 }
 
+/// Longest §7 header with an IP address: RSV(2) FRAG ATYP, 16 address octets, PORT.
+pub const MAX_UDP_IP_HEADER: usize = 3 + 1 + 16 + 2;
+
+/// Writes the header of a UDP datagram (RSV = 0, FRAG = 0) for an IP `source` into the start of
+/// `out` and returns its length (10 for IPv4, 22 for IPv6). The relay uses it to put the header in
+/// front of a reply already received into the same buffer, without copying the payload.
+pub fn write_udp_ip_header(source: SocketAddr, out: &mut [u8; MAX_UDP_IP_HEADER]) -> usize {
+    out[..3].fill(0);
+    match source {
+        SocketAddr::V4(addr) => {
+            out[3] = ATYP_IPV4;
+            out[4..8].copy_from_slice(&addr.ip().octets());
+            out[8..10].copy_from_slice(&addr.port().to_be_bytes());
+            10
+        }
+        SocketAddr::V6(addr) => {
+            out[3] = ATYP_IPV6;
+            out[4..20].copy_from_slice(&addr.ip().octets());
+            out[20..22].copy_from_slice(&addr.port().to_be_bytes());
+            22
+        }
+    }
+}
+
 /// Decodes `ATYP ADDR PORT` from the start of `buf`.
 fn decode_addr(buf: &[u8]) -> Result<Decoded<TargetAddr>, ProtocolError> {
     let Some(&atyp) = buf.first() else {
@@ -870,6 +894,26 @@ mod tests {
             prop_assert_eq!(n, bytes.len());
             prop_assert_eq!(up.username, &user[..]);
             prop_assert_eq!(up.password, &pass[..]);
+        }
+
+        #[test]
+        fn udp_ip_header_matches_the_vec_encoder(
+            source in prop_oneof![
+                any::<(std::net::Ipv4Addr, u16)>().prop_map(|(ip, port)| SocketAddr::new(ip.into(), port)),
+                any::<(std::net::Ipv6Addr, u16)>().prop_map(|(ip, port)| SocketAddr::new(ip.into(), port)),
+            ],
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut header = [0xAAu8; MAX_UDP_IP_HEADER];
+            let len = write_udp_ip_header(source, &mut header);
+            let mut expected = Vec::new();
+            encode_udp_header(&TargetAddr::Ip(source), &mut expected);
+            prop_assert_eq!(&header[..len], &expected[..]);
+            let mut bytes = header[..len].to_vec();
+            bytes.extend_from_slice(&payload);
+            let d = decode_udp_datagram(&bytes).unwrap();
+            prop_assert_eq!(d.target, TargetAddr::Ip(source));
+            prop_assert_eq!(d.payload, &payload[..]);
         }
 
         #[test]

@@ -2,8 +2,9 @@
 //!
 //! One task per client. Each task owns its socket, a bounded handshake buffer and a
 //! [`Handshake`]; it enforces the handshake deadline, dials through the [`Dialer`] with a connect
-//! timeout, answers, and relays with [`copy_bidirectional_with_sizes`]. Whatever a client does,
-//! it only ever ends its own task.
+//! timeout, answers, and relays with [`copy_bidirectional_with_sizes`]. A UDP ASSOCIATE request
+//! turns the task into the driver of that association (see [`super::udp`]). Whatever a client
+//! does, it only ever ends its own task.
 
 use std::future::Future;
 use std::io;
@@ -14,15 +15,18 @@ use std::time::Duration;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, copy_bidirectional_with_sizes,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::association::{Association, AssociationCounts};
 use super::handshake::{Credentials, Handshake, HandshakeError, Step};
 use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
+use super::udp::{NoUdp, Socks5Counters, UdpDialer, UdpEnd, log_end, run_association};
+use crate::node::ConnectionCounters;
 
 /// Why a dial failed, mapped to RFC 1928 reply codes by [`DialError::reply_code`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +103,17 @@ pub struct Socks5Config {
     pub max_connections: usize,
     /// Size of each of the two relay buffers of a connection.
     pub relay_buffer_size: usize,
+    /// A UDP association with no datagram passing either way for this long is closed (with its
+    /// control connection).
+    pub udp_idle_timeout: Duration,
+    /// Maximum number of UDP associations at once; further UDP ASSOCIATE requests are answered
+    /// 0x01 (general failure). 0 refuses every association.
+    pub max_udp_associations: usize,
+    /// Largest UDP payload relayed either way; larger datagrams are dropped and counted. Each
+    /// association holds two buffers of about this size.
+    pub udp_max_datagram: usize,
+    /// Counts served clients (open and total), for metrics.
+    pub connections: Option<Arc<ConnectionCounters>>,
 }
 
 impl Default for Socks5Config {
@@ -109,15 +124,41 @@ impl Default for Socks5Config {
             connect_timeout: Duration::from_secs(30),
             max_connections: 1024,
             relay_buffer_size: 64 * 1024,
+            udp_idle_timeout: Duration::from_secs(60),
+            max_udp_associations: 256,
+            udp_max_datagram: 65_535,
+            connections: None,
         }
     }
 }
 
-/// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 authentication) dialing through `D`.
+/// A SOCKS5 proxy server (RFC 1928 CONNECT and, with a [`UdpDialer`], UDP ASSOCIATE; RFC 1929
+/// authentication) dialing through `D`.
 #[derive(Debug)]
-pub struct Socks5Server<D: Dialer> {
+pub struct Socks5Server<D: Dialer, U: UdpDialer = NoUdp> {
     config: Arc<Socks5Config>,
     dialer: Arc<D>,
+    udp: Option<Arc<U>>,
+    counters: Arc<Socks5Counters>,
+}
+
+/// What every connection task of a server shares.
+pub(crate) struct Shared<D, U> {
+    pub(crate) config: Arc<Socks5Config>,
+    pub(crate) dialer: Arc<D>,
+    pub(crate) udp: Option<Arc<U>>,
+    /// One permit per UDP association.
+    pub(crate) udp_slots: Arc<Semaphore>,
+    pub(crate) counters: Arc<Socks5Counters>,
+}
+
+/// The two ends of a client's TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnAddrs {
+    /// Our end: the address the client reached the proxy on.
+    pub(crate) local: SocketAddr,
+    /// The client's end.
+    pub(crate) peer: SocketAddr,
 }
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
@@ -132,12 +173,32 @@ const MAX_LINGER: Duration = Duration::from_secs(2);
 const MAX_LINGER_BYTES: usize = 64 * 1024;
 
 impl<D: Dialer> Socks5Server<D> {
-    /// A server with `config` that opens connections through `dialer`.
+    /// A server with `config` that opens connections through `dialer` and answers UDP ASSOCIATE
+    /// with 0x07 (command not supported) until [`with_udp`](Self::with_udp) is called.
     pub fn new(config: Socks5Config, dialer: Arc<D>) -> Self {
         Self {
             config: Arc::new(config),
             dialer,
+            udp: None,
+            counters: Arc::new(Socks5Counters::default()),
         }
+    }
+}
+
+impl<D: Dialer, U: UdpDialer> Socks5Server<D, U> {
+    /// The same server, serving UDP ASSOCIATE through `udp`.
+    pub fn with_udp<V: UdpDialer>(self, udp: Arc<V>) -> Socks5Server<D, V> {
+        Socks5Server {
+            config: self.config,
+            dialer: self.dialer,
+            udp: Some(udp),
+            counters: self.counters,
+        }
+    }
+
+    /// The server's live counters (they outlive [`serve`](Self::serve)).
+    pub fn counters(&self) -> Arc<Socks5Counters> {
+        Arc::clone(&self.counters)
     }
 
     /// Accepts and serves clients until `cancel` fires.
@@ -152,10 +213,24 @@ impl<D: Dialer> Socks5Server<D> {
     /// Only if the listener's local address cannot be read at startup.
     pub async fn serve(self, listener: TcpListener, cancel: CancellationToken) -> io::Result<()> {
         let local = listener.local_addr()?;
-        info!(%local, auth = self.config.auth.is_some(), "SOCKS5 proxy listening");
+        info!(
+            %local,
+            auth = self.config.auth.is_some(),
+            udp = self.udp.is_some(),
+            "SOCKS5 proxy listening"
+        );
         let limit = Arc::new(Semaphore::new(
             self.config.max_connections.min(Semaphore::MAX_PERMITS),
         ));
+        let shared = Arc::new(Shared {
+            config: Arc::clone(&self.config),
+            dialer: Arc::clone(&self.dialer),
+            udp: self.udp.clone(),
+            udp_slots: Arc::new(Semaphore::new(
+                self.config.max_udp_associations.min(Semaphore::MAX_PERMITS),
+            )),
+            counters: Arc::clone(&self.counters),
+        });
         let tracker = TaskTracker::new();
         let mut at_limit = false;
         loop {
@@ -191,8 +266,16 @@ impl<D: Dialer> Socks5Server<D> {
             if let Err(error) = stream.set_nodelay(true) {
                 debug!(%client, %error, "set_nodelay failed");
             }
-            let config = Arc::clone(&self.config);
-            let dialer = Arc::clone(&self.dialer);
+            let addrs = ConnAddrs {
+                local: stream.local_addr().unwrap_or(local),
+                peer: client,
+            };
+            let open = self
+                .config
+                .connections
+                .as_ref()
+                .map(ConnectionCounters::open);
+            let shared = Arc::clone(&shared);
             let token = cancel.child_token();
             let span = info_span!("socks5", %client);
             tracker.spawn(
@@ -200,10 +283,11 @@ impl<D: Dialer> Socks5Server<D> {
                     let outcome = tokio::select! {
                         biased;
                         () = token.cancelled() => Outcome::Cancelled,
-                        outcome = serve_connection(stream, &config, &*dialer) => outcome,
+                        outcome = serve_connection(stream, addrs, &shared) => outcome,
                     };
                     outcome.log();
                     drop(permit);
+                    drop(open);
                 }
                 .instrument(span),
             );
@@ -243,7 +327,22 @@ pub(crate) enum Outcome {
         /// Why.
         error: DialError,
     },
-    /// A valid but unsupported command (BIND, and UDP ASSOCIATE for now); answered 0x07.
+    /// A UDP association ran and ended.
+    UdpClosed {
+        /// The relay address the client was given.
+        relay: SocketAddr,
+        /// Why it ended.
+        end: UdpEnd,
+        /// Its datagram counts.
+        counts: AssociationCounts,
+    },
+    /// A UDP ASSOCIATE request was refused (limit, relay socket, egress) with a failure reply.
+    UdpRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A valid but unsupported command (BIND, and UDP ASSOCIATE without a [`UdpDialer`]);
+    /// answered 0x07.
     Unsupported {
         /// The command.
         command: Command,
@@ -274,6 +373,8 @@ impl Outcome {
             Self::DialFailed { target, error } => {
                 info!(%target, %error, "SOCKS5 connect failed");
             }
+            Self::UdpClosed { relay, end, counts } => log_end(*relay, end, counts),
+            Self::UdpRefused { reason } => info!(%reason, "SOCKS5 UDP ASSOCIATE refused"),
             Self::Unsupported { command, target } => {
                 info!(%target, ?command, "SOCKS5 command not supported");
             }
@@ -288,15 +389,18 @@ impl Outcome {
 
 /// Serves one client until its relay ends or it is turned away. Cancellation is the caller's
 /// (drop the future).
-pub(crate) async fn serve_connection<S, D>(
+pub(crate) async fn serve_connection<S, D, U>(
     mut client: S,
-    config: &Socks5Config,
-    dialer: &D,
+    addrs: ConnAddrs,
+    shared: &Shared<D, U>,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
     D: Dialer,
+    U: UdpDialer,
 {
+    let config = &*shared.config;
+    let dialer = &*shared.dialer;
     let linger = config.handshake_timeout.min(MAX_LINGER);
     let deadline = Instant::now() + config.handshake_timeout;
     let mut input = InputBuf::new();
@@ -317,9 +421,9 @@ where
             let early = input.filled();
             connect(client, early, target, config, dialer, linger).await
         }
-        // UDP ASSOCIATE goes here when it is implemented: bind a relay socket, reply with its
-        // address, relay datagrams (`proto::decode_udp_datagram` / `encode_udp_header`, dropping
-        // fragments) until the client closes this TCP connection.
+        Command::UdpAssociate if let Some(udp) = shared.udp.as_deref() => {
+            udp_associate(client, addrs, target, udp, shared, linger).await
+        }
         Command::Bind | Command::UdpAssociate => {
             let mut reply = Vec::with_capacity(10);
             Reply::failure(ReplyCode::CommandNotSupported).encode(&mut reply);
@@ -378,6 +482,97 @@ where
             down,
         },
         Err(error) => Outcome::RelayFailed { target, error },
+    }
+}
+
+/// UDP ASSOCIATE: take an association slot, bind the relay socket on the address the client
+/// reached us on, open the egress, answer with the relay's address, relay until the end.
+async fn udp_associate<S, D, U>(
+    mut client: S,
+    addrs: ConnAddrs,
+    requested: TargetAddr,
+    udp: &U,
+    shared: &Shared<D, U>,
+    linger: Duration,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: UdpDialer,
+{
+    let config = &*shared.config;
+    let refuse = |code: ReplyCode| {
+        let mut reply = Vec::with_capacity(10);
+        Reply::failure(code).encode(&mut reply);
+        shared.counters.refused();
+        reply
+    };
+    let Ok(_slot) = Arc::clone(&shared.udp_slots).try_acquire_owned() else {
+        warn!(
+            max = config.max_udp_associations,
+            "SOCKS5 UDP association limit reached"
+        );
+        let reply = refuse(ReplyCode::GeneralFailure);
+        close_with_reply(&mut client, &reply, linger).await;
+        return Outcome::UdpRefused {
+            reason: "association limit reached".into(),
+        };
+    };
+    let relay_ip = addrs.local.ip().to_canonical();
+    let relay = match UdpSocket::bind(SocketAddr::new(relay_ip, 0)).await {
+        Ok(relay) => relay,
+        Err(error) => {
+            let reply = refuse(ReplyCode::GeneralFailure);
+            close_with_reply(&mut client, &reply, linger).await;
+            return Outcome::UdpRefused {
+                reason: format!("cannot bind a relay socket on {relay_ip}: {error}"),
+            };
+        }
+    };
+    let bound = match relay.local_addr() {
+        Ok(bound) => bound,
+        Err(error) => return Outcome::ClientError(error),
+    };
+    let egress = match udp.open_udp().await {
+        Ok(egress) => egress,
+        Err(error) => {
+            let reply = refuse(error.reply_code());
+            close_with_reply(&mut client, &reply, linger).await;
+            return Outcome::UdpRefused {
+                reason: format!("cannot open the egress: {error}"),
+            };
+        }
+    };
+    let association = Association::new(
+        addrs.peer,
+        &requested,
+        config.udp_idle_timeout,
+        Instant::now().into_std(),
+    );
+    let mut reply = Vec::with_capacity(22);
+    Reply {
+        code: ReplyCode::Succeeded,
+        bound,
+    }
+    .encode(&mut reply);
+    if let Err(error) = write_flush(&mut client, &reply).await {
+        return Outcome::ClientError(error);
+    }
+    info!(relay = %bound, %requested, "SOCKS5 UDP association open");
+    let (end, counts) = run_association(
+        &mut client,
+        relay,
+        egress,
+        association,
+        config,
+        &shared.counters,
+    )
+    .await;
+    // Closing the control connection tells the client the association is gone (idle timeout).
+    let _ = timeout(linger, client.shutdown()).await;
+    Outcome::UdpClosed {
+        relay: bound,
+        end,
+        counts,
     }
 }
 

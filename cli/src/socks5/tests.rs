@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_socks::tcp::Socks5Stream;
 use tokio_util::sync::CancellationToken;
 
-use super::server::{Outcome, serve_connection};
+use super::server::{ConnAddrs, Outcome, Shared, serve_connection};
 use super::*;
 
 /// Bounds how long a test waits for something that must happen promptly; a hang is a failure.
@@ -574,6 +574,33 @@ async fn cancel_stops_accepting_ends_relays_and_serve_returns() {
 
 // Deadlines, on paused time with in-memory streams: deterministic and instant.
 
+/// What a server would share with its connections, without UDP.
+fn shared<D: Dialer>(config: Socks5Config, dialer: D) -> Shared<D, NoUdp> {
+    shared_udp(config, dialer, None)
+}
+
+fn shared_udp<D: Dialer, U: UdpDialer>(
+    config: Socks5Config,
+    dialer: D,
+    udp: Option<U>,
+) -> Shared<D, U> {
+    Shared {
+        udp_slots: Arc::new(tokio::sync::Semaphore::new(config.max_udp_associations)),
+        config: Arc::new(config),
+        dialer: Arc::new(dialer),
+        udp: udp.map(Arc::new),
+        counters: Arc::new(Socks5Counters::default()),
+    }
+}
+
+/// A loopback client connection.
+fn addrs() -> ConnAddrs {
+    ConnAddrs {
+        local: "127.0.0.1:1080".parse().unwrap(),
+        peer: "127.0.0.1:40000".parse().unwrap(),
+    }
+}
+
 fn timeouts() -> Socks5Config {
     Socks5Config {
         handshake_timeout: Duration::from_secs(5),
@@ -586,7 +613,7 @@ fn timeouts() -> Socks5Config {
 async fn silent_client_is_dropped_at_the_handshake_deadline() {
     let (mut client, server_side) = tokio::io::duplex(4096);
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = serve_connection(server_side, addrs(), &shared(timeouts(), PendingDialer)).await;
     assert!(matches!(outcome, Outcome::HandshakeTimeout), "{outcome:?}");
     assert_eq!(start.elapsed(), Duration::from_secs(5));
     assert_eq!(
@@ -610,7 +637,7 @@ async fn slow_client_is_dropped_at_the_handshake_deadline() {
         client
     });
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = serve_connection(server_side, addrs(), &shared(timeouts(), PendingDialer)).await;
     assert!(matches!(outcome, Outcome::HandshakeTimeout), "{outcome:?}");
     assert_eq!(start.elapsed(), Duration::from_secs(5));
     let mut client = trickle.await.unwrap();
@@ -630,7 +657,7 @@ async fn dial_exceeding_the_connect_timeout_gets_0x06() {
     client.write_all(&bytes).await.unwrap();
     client.shutdown().await.unwrap();
     let start = tokio::time::Instant::now();
-    let outcome = serve_connection(server_side, &timeouts(), &PendingDialer).await;
+    let outcome = serve_connection(server_side, addrs(), &shared(timeouts(), PendingDialer)).await;
     assert!(
         matches!(
             &outcome,
@@ -668,8 +695,8 @@ async fn relay_outcome_counts_bytes_both_ways() {
     }
 
     let dialer = OnceDialer(std::sync::Mutex::new(Some(upstream)));
-    let config = timeouts();
-    let serve = serve_connection(server_side, &config, &dialer);
+    let shared = shared(timeouts(), dialer);
+    let serve = serve_connection(server_side, addrs(), &shared);
     let drive = async {
         let mut bytes = vec![5, 1, 0];
         bytes.extend(connect_request(&TargetAddr::Ip(
@@ -702,5 +729,399 @@ async fn relay_outcome_counts_bytes_both_ways() {
             }
         ),
         "{outcome:?}"
+    );
+}
+
+// UDP ASSOCIATE, with real UDP sockets on loopback and a host-socket egress.
+
+/// Sends datagrams from one host UDP socket per association; names resolve through `routes`.
+#[derive(Default)]
+struct LocalUdp {
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    routes: HashMap<String, SocketAddr>,
+}
+
+struct LocalEgress {
+    socket: tokio::net::UdpSocket,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    routes: HashMap<String, SocketAddr>,
+}
+
+impl Drop for LocalEgress {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl UdpDialer for LocalUdp {
+    type Egress = LocalEgress;
+
+    async fn open_udp(&self) -> Result<LocalEgress, DialError> {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| DialError::Other(e.to_string()))?;
+        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(LocalEgress {
+            socket,
+            live: Arc::clone(&self.live),
+            routes: self.routes.clone(),
+        })
+    }
+}
+
+impl UdpEgress for LocalEgress {
+    async fn send_to(
+        &mut self,
+        target: &TargetAddr,
+        payload: &[u8],
+    ) -> Result<SocketAddr, DialError> {
+        let addr = match target {
+            TargetAddr::Ip(addr) => *addr,
+            TargetAddr::Domain(name, _) => {
+                *self.routes.get(name).ok_or(DialError::HostUnreachable)?
+            }
+        };
+        self.socket
+            .send_to(payload, addr)
+            .await
+            .map_err(|e| DialError::Other(e.to_string()))?;
+        Ok(addr)
+    }
+
+    async fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.socket.recv_from(buf).await
+    }
+}
+
+/// A UDP echo server on loopback.
+async fn udp_echo() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+struct RunningUdp {
+    running: Running,
+    counters: Arc<Socks5Counters>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn start_udp(config: Socks5Config, udp: LocalUdp) -> RunningUdp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let live = Arc::clone(&udp.live);
+    let server =
+        Socks5Server::new(config, Arc::new(LocalDialer::default())).with_udp(Arc::new(udp));
+    let counters = server.counters();
+    let task = tokio::spawn(server.serve(listener, cancel.clone()));
+    RunningUdp {
+        running: Running { addr, cancel, task },
+        counters,
+        live,
+    }
+}
+
+/// Opens an association with raw bytes (no auth); returns the control connection and the relay.
+async fn associate(proxy: SocketAddr, requested: &[u8]) -> (TcpStream, SocketAddr) {
+    let mut control = TcpStream::connect(proxy).await.unwrap();
+    let mut bytes = vec![5, 1, 0, 5, 3, 0];
+    bytes.extend_from_slice(requested);
+    control.write_all(&bytes).await.unwrap();
+    let mut reply = [0u8; 12];
+    guard(control.read_exact(&mut reply)).await.unwrap();
+    assert_eq!(
+        &reply[..5],
+        &[5, 0, 5, 0, 0],
+        "method selection and success"
+    );
+    assert_eq!(reply[5], 1, "IPv4 relay address for an IPv4 client");
+    let ip = std::net::Ipv4Addr::new(reply[6], reply[7], reply[8], reply[9]);
+    let relay = SocketAddr::from((ip, u16::from_be_bytes([reply[10], reply[11]])));
+    (control, relay)
+}
+
+const ANY_SOURCE: [u8; 7] = [1, 0, 0, 0, 0, 0, 0];
+
+fn udp_datagram(target: &TargetAddr, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    proto::encode_udp_header(target, &mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Receives one datagram and decodes its §7 header.
+async fn recv_reply(socket: &tokio::net::UdpSocket) -> (TargetAddr, Vec<u8>) {
+    let mut buf = vec![0u8; 70_000];
+    let (n, _) = guard(socket.recv_from(&mut buf)).await.unwrap();
+    let d = proto::decode_udp_datagram(&buf[..n]).unwrap();
+    (d.target, d.payload.to_vec())
+}
+
+/// Waits (bounded) until `f` holds; for state another task changes.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn udp_associate_relays_to_ips_and_names_with_the_source_in_each_reply() {
+    let (echo_a, echo_b) = (udp_echo().await, udp_echo().await);
+    let udp = LocalUdp {
+        routes: [("echo.b".to_string(), echo_b)].into(),
+        ..LocalUdp::default()
+    };
+    let server = start_udp(Socks5Config::default(), udp).await;
+    let (_control, relay) = associate(server.running.addr, &ANY_SOURCE).await;
+    assert_eq!(
+        relay.ip(),
+        server.running.addr.ip(),
+        "relay on the IP the client reached"
+    );
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..50u32 {
+        let data = payload(1 + (i as usize * 97) % 1400, u64::from(i));
+        let (target, expected_source) = if i % 2 == 0 {
+            (TargetAddr::Ip(echo_a), echo_a)
+        } else {
+            (TargetAddr::Domain("echo.b".into(), 9), echo_b)
+        };
+        client
+            .send_to(&udp_datagram(&target, &data), relay)
+            .await
+            .unwrap();
+        let (source, echoed) = recv_reply(&client).await;
+        assert_eq!(source, TargetAddr::Ip(expected_source), "datagram {i}");
+        assert_eq!(
+            Sha256::digest(&echoed),
+            Sha256::digest(&data),
+            "datagram {i}"
+        );
+    }
+    // An empty payload is a datagram too.
+    client
+        .send_to(&udp_datagram(&TargetAddr::Ip(echo_a), b""), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_reply(&client).await.1, b"");
+    let stats = server.counters.snapshot();
+    assert_eq!((stats.udp_datagrams_up, stats.udp_datagrams_down), (51, 51));
+    assert_eq!(stats.udp_associations_active, 1);
+}
+
+#[tokio::test]
+async fn fragments_foreign_sources_garbage_and_unknown_names_are_dropped_and_counted() {
+    let echo = udp_echo().await;
+    let config = Socks5Config {
+        udp_max_datagram: 1000,
+        ..Socks5Config::default()
+    };
+    let server = start_udp(config, LocalUdp::default()).await;
+    let (_control, relay) = associate(server.running.addr, &ANY_SOURCE).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let intruder = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let good = udp_datagram(&TargetAddr::Ip(echo), b"hello");
+    let mut frag = good.clone();
+    frag[2] = 1;
+
+    // A fragment first: dropped, and it does not claim the association for its port.
+    client.send_to(&frag, relay).await.unwrap();
+    client.send_to(&good, relay).await.unwrap();
+    assert_eq!(recv_reply(&client).await.1, b"hello");
+    // Now the client's port is fixed: another socket of the same host is foreign.
+    intruder.send_to(&good, relay).await.unwrap();
+    client.send_to(&frag, relay).await.unwrap();
+    client.send_to(&[0, 0, 0, 9, 1, 2, 3], relay).await.unwrap();
+    client
+        .send_to(
+            &udp_datagram(&TargetAddr::Domain("nowhere".into(), 1), b"x"),
+            relay,
+        )
+        .await
+        .unwrap();
+    client
+        .send_to(&udp_datagram(&TargetAddr::Ip(echo), &[7u8; 1001]), relay)
+        .await
+        .unwrap();
+    let limit = udp_datagram(&TargetAddr::Ip(echo), &[7u8; 1000]);
+    client.send_to(&limit, relay).await.unwrap();
+    // Datagrams are handled in order: once the last one is echoed, the others were dropped.
+    assert_eq!(recv_reply(&client).await.1, [7u8; 1000]);
+    let stats = server.counters.snapshot();
+    assert_eq!(stats.udp_dropped_fragments, 2);
+    assert_eq!(stats.udp_dropped_foreign, 1);
+    assert_eq!(stats.udp_dropped_malformed, 1);
+    assert_eq!(stats.udp_dropped_egress, 1);
+    assert_eq!(stats.udp_dropped_oversize, 1);
+    assert_eq!((stats.udp_datagrams_up, stats.udp_datagrams_down), (2, 2));
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), intruder.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "the intruder got an answer"
+    );
+}
+
+#[tokio::test]
+async fn request_port_fixes_the_client_source() {
+    let echo = udp_echo().await;
+    let server = start_udp(Socks5Config::default(), LocalUdp::default()).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = client.local_addr().unwrap().port().to_be_bytes();
+    let (_control, relay) =
+        associate(server.running.addr, &[1, 127, 0, 0, 1, port[0], port[1]]).await;
+    let good = udp_datagram(&TargetAddr::Ip(echo), b"mine");
+    // The other socket speaks first, but the request named the client's port.
+    other.send_to(&good, relay).await.unwrap();
+    client.send_to(&good, relay).await.unwrap();
+    assert_eq!(recv_reply(&client).await.1, b"mine");
+    assert_eq!(server.counters.snapshot().udp_dropped_foreign, 1);
+}
+
+#[tokio::test]
+async fn association_ends_with_its_control_connection_and_releases_its_sockets() {
+    let echo = udp_echo().await;
+    let server = start_udp(Socks5Config::default(), LocalUdp::default()).await;
+    let (control, relay) = associate(server.running.addr, &ANY_SOURCE).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(&TargetAddr::Ip(echo), b"ping"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_reply(&client).await.1, b"ping");
+    assert_eq!(server.live.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(control);
+    let (counters, live) = (Arc::clone(&server.counters), Arc::clone(&server.live));
+    eventually("association closed", || {
+        counters.snapshot().udp_associations_active == 0
+            && live.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+    // The relay socket is gone too: the port can be bound again.
+    let rebound = tokio::net::UdpSocket::bind(relay).await;
+    assert!(rebound.is_ok(), "relay port still bound: {rebound:?}");
+}
+
+#[tokio::test]
+async fn association_limit_refuses_with_0x01_and_frees_slots() {
+    let config = Socks5Config {
+        max_udp_associations: 1,
+        ..Socks5Config::default()
+    };
+    let server = start_udp(config, LocalUdp::default()).await;
+    let (first, _) = associate(server.running.addr, &ANY_SOURCE).await;
+    let mut request = vec![5, 3, 0];
+    request.extend_from_slice(&ANY_SOURCE);
+    let answer = raw_exchange(
+        server.running.addr,
+        &[&[5, 1, 0][..], &request].concat(),
+        false,
+    )
+    .await;
+    assert_eq!(answer, [vec![5, 0], failure(1)].concat());
+    assert_eq!(server.counters.snapshot().udp_associations_refused, 1);
+    drop(first);
+    let counters = Arc::clone(&server.counters);
+    eventually("first association closed", || {
+        counters.snapshot().udp_associations_active == 0
+    })
+    .await;
+    let (_second, _) = associate(server.running.addr, &ANY_SOURCE).await;
+}
+
+#[tokio::test]
+async fn udp_associate_with_credentials() {
+    let echo = udp_echo().await;
+    let config = Socks5Config {
+        auth: Some(Credentials::new("alice", "s3cret").unwrap()),
+        ..Socks5Config::default()
+    };
+    let server = start_udp(config, LocalUdp::default()).await;
+    let mut control = TcpStream::connect(server.running.addr).await.unwrap();
+    let mut bytes = vec![5, 1, 2];
+    proto::encode_user_pass(b"alice", b"s3cret", &mut bytes);
+    bytes.extend_from_slice(&[5, 3, 0]);
+    bytes.extend_from_slice(&ANY_SOURCE);
+    control.write_all(&bytes).await.unwrap();
+    let mut reply = [0u8; 14];
+    guard(control.read_exact(&mut reply)).await.unwrap();
+    assert_eq!(&reply[..7], &[5, 2, 1, 0, 5, 0, 0]);
+    let relay = SocketAddr::from((
+        [reply[8], reply[9], reply[10], reply[11]],
+        u16::from_be_bytes([reply[12], reply[13]]),
+    ));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(&TargetAddr::Ip(echo), b"authed"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_reply(&client).await.1, b"authed");
+}
+
+#[tokio::test]
+async fn shutdown_ends_associations() {
+    let server = start_udp(Socks5Config::default(), LocalUdp::default()).await;
+    let (mut control, _relay) = associate(server.running.addr, &ANY_SOURCE).await;
+    server.running.cancel.cancel();
+    guard(server.running.task).await.unwrap().unwrap();
+    assert_eq!(server.live.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(server.counters.snapshot().udp_associations_active, 0);
+    let mut rest = Vec::new();
+    let _ = guard(control.read_to_end(&mut rest)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_association_is_closed_at_its_deadline() {
+    let (mut client, server_side) = tokio::io::duplex(4096);
+    let config = Socks5Config {
+        udp_idle_timeout: Duration::from_secs(45),
+        ..timeouts()
+    };
+    let shared = shared_udp(config, PendingDialer, Some(LocalUdp::default()));
+    let mut bytes = vec![5, 1, 0, 5, 3, 0];
+    bytes.extend_from_slice(&ANY_SOURCE);
+    client.write_all(&bytes).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let outcome = serve_connection(server_side, addrs(), &shared).await;
+    assert!(
+        matches!(
+            outcome,
+            Outcome::UdpClosed {
+                end: udp::UdpEnd::Idle,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(45));
+    assert_eq!(
+        shared
+            .udp
+            .as_ref()
+            .unwrap()
+            .live
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(
+        answer.len(),
+        12,
+        "method selection and success reply, then EOF"
     );
 }
