@@ -6,6 +6,9 @@
 //! new fields may be added, existing ones keep their name and meaning
 //! (`version` changes otherwise). Durations are seconds as floating point
 //! numbers, ages are "seconds ago".
+//!
+//! `GET /v1/ping?target=..` pings a peer from the node's netstack and streams
+//! one JSON event per line (see [`crate::ping`] for the protocol).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -27,7 +30,7 @@ use tracing::debug;
 
 use crate::coordinated::node_key;
 use crate::endpoints::local_endpoints;
-use crate::node::NodeHandle;
+use crate::node::{Counter, NodeHandle};
 
 /// Version of the [`Status`] document.
 pub const STATUS_VERSION: u32 = 1;
@@ -140,6 +143,8 @@ pub struct StatusSource {
     node: NodeHandle,
     control: Option<ControlHandles>,
     static_peers: Vec<PublicKey>,
+    /// API requests answered with an error status (4xx, 5xx); shared by clones.
+    errors: Counter,
 }
 
 impl StatusSource {
@@ -153,7 +158,23 @@ impl StatusSource {
             node,
             control,
             static_peers,
+            errors: Counter::default(),
         }
+    }
+
+    /// The node.
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// The control plane's handles, when the node is coordinated.
+    pub fn control(&self) -> Option<&ControlHandles> {
+        self.control.as_ref()
+    }
+
+    /// API requests answered with an error status so far.
+    pub fn api_errors(&self) -> u64 {
+        self.errors.value()
     }
 
     /// The status document now.
@@ -471,6 +492,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &Statu
         .unwrap_or("");
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    if complete && method == "GET" && route == "/v1/ping" {
+        let names = source.control.as_ref().map(|c| &c.directory);
+        let code = crate::ping::serve(&mut stream, query, &source.node, names).await;
+        if code >= 400 {
+            source.errors.increment();
+        }
+        return;
+    }
     let (code, body, ctype) = if !complete {
         (400, "bad request\n".to_string(), "text/plain")
     } else if method != "GET" {
@@ -483,9 +513,16 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &Statu
                 (200, json + "\n", "application/json")
             }
             "/healthz" => (200, "ok\n".to_string(), "text/plain"),
-            _ => (404, "not found: try /v1/status\n".to_string(), "text/plain"),
+            _ => (
+                404,
+                "not found: try /v1/status or /v1/ping?target=PEER\n".to_string(),
+                "text/plain",
+            ),
         }
     };
+    if code >= 400 {
+        source.errors.increment();
+    }
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",

@@ -20,6 +20,8 @@
 //!   peers, assigned addresses, endpoint candidates); [`identity`] keeps the
 //!   node's key on disk and [`endpoints`] finds its UDP endpoints.
 //! - [`api`]: the local status API and the `tailnode status` client.
+//! - [`ping`]: `tailnode ping`, ICMP echo from the node's netstack through the API.
+//! - [`metrics`]: Prometheus metrics (`tailnode up --metrics`), computed at scrape time.
 //! - [`up`], [`coordinator_cmd`] and [`demo`]: the `tailnode up`,
 //!   `tailnode coordinator` and `tailnode demo` commands.
 
@@ -34,7 +36,9 @@ pub mod expose;
 pub mod forward;
 pub mod http_proxy;
 pub mod identity;
+pub mod metrics;
 pub mod node;
+pub mod ping;
 pub mod relay;
 pub mod socks5;
 pub mod stream;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use tailnode::api::{ApiAddr, default_api, fetch_status};
 use tailnode::coordinator_cmd::{CoordinatorArgs, run_coordinator};
+use tailnode::ping::{PingArgs, run_ping_command};
 use tailnode::up::{ConfigProblem, UpArgs, run_up};
 use tailnode_wg::PrivateKey;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,9 @@ enum Command {
         #[arg(long, value_name = "ADDR|unix:PATH", env = "TAILNODE_API")]
         api: Option<ApiAddr>,
     },
+    /// Ping a tailnet peer (ICMP echo from the running node, through its API).
+    /// Exit status: 0 all answered, 1 some or all lost, 2 could not ping.
+    Ping(PingArgs),
     /// Two nodes in one process, an HTTP service exposed on one, SOCKS5 on the other.
     Demo {
         /// SOCKS5 listen address of the first node.
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             run_async(cli.log_format, |cancel| run_coordinator(args, cancel))
         }
         Command::Status { json, api } => status(json, api),
+        Command::Ping(args) => ping(&args),
         Command::Demo { socks5 } => run_async(cli.log_format, |cancel| {
             tailnode::demo::run_demo(socks5, cancel)
         }),
@@ -142,6 +147,38 @@ fn status(json: bool, api: Option<ApiAddr>) -> ExitCode {
         Err(e) => {
             eprintln!("tailnode status: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn ping(args: &PingArgs) -> ExitCode {
+    let Some(api) = args.api.clone().or_else(default_api) else {
+        eprintln!("tailnode ping: no API address: pass --api");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tailnode ping: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let interrupt = async {
+        // Without a signal handler, never interrupt: the count ends the run.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    match runtime.block_on(run_ping_command(args, &api, &mut out, &mut err, interrupt)) {
+        Ok(summary) => ExitCode::from(summary.exit_code()),
+        Err(e) => {
+            eprintln!("tailnode ping: {e}");
+            ExitCode::from(2)
         }
     }
 }

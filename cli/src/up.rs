@@ -23,6 +23,7 @@ use crate::dialer::{DEFAULT_CONNECT_TIMEOUT, DirectPolicy, TailnetDialer};
 use crate::expose::{ExposeSpec, serve_exposure};
 use crate::forward::{ForwardSpec, Protocol, serve_tcp_forward};
 use crate::identity::{default_key_file, load_or_create_key};
+use crate::metrics::MetricsSource;
 use crate::node::{Node, NodeConfig, NodeHandle};
 use crate::socks5::{Credentials, Socks5Config, Socks5Server};
 use crate::udp_forward::{DEFAULT_UDP_IDLE_TIMEOUT, UdpForward, UdpForwardConfig};
@@ -168,6 +169,11 @@ pub struct UpArgs {
     /// unix:/path, or off. Never reachable from the tailnet.
     #[arg(long, value_name = "ADDR|unix:PATH|off", env = "TAILNODE_API")]
     pub api: Option<ApiAddr>,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    /// Off by default.
+    #[arg(long, value_name = "ADDR", env = "TAILNODE_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl UpArgs {
@@ -197,6 +203,7 @@ impl UpArgs {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             listen_port: None,
             api: None,
+            metrics: None,
         }
     }
 
@@ -402,13 +409,20 @@ pub async fn run_up(args: UpArgs, cancel: CancellationToken) -> anyhow::Result<(
 
     let names = control.as_ref().map(|c| c.directory.clone());
     serve_everything(&args, &handle, names, &tasks, &cancel).await?;
+    let source = StatusSource::new(handle.clone(), control.clone(), static_peers);
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let metrics = MetricsSource::new(source.clone());
+        tasks.spawn(crate::metrics::serve(listener, metrics, cancel.clone()));
+    }
     if let Some(api) = args
         .api
         .clone()
         .or_else(default_api)
         .filter(|a| *a != ApiAddr::Off)
     {
-        let source = StatusSource::new(handle.clone(), control.clone(), static_peers);
         match api::bind(&api).await {
             Ok(listener) => {
                 info!(api = %api, "local API listening");
@@ -476,6 +490,7 @@ pub async fn serve_everything(
             auth: args.proxy_credentials()?,
             connect_timeout: args.connect_timeout,
             udp_idle_timeout: args.udp_idle_timeout,
+            connections: Some(handle.proxy_counters().socks5.clone()),
             ..Socks5Config::default()
         };
         let server = Socks5Server::new(config, Arc::clone(&dialer)).with_udp(dialer);

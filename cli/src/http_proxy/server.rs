@@ -29,6 +29,7 @@ use super::parse::{
     parse_connect_target, parse_request_head, parse_response_head, reason_phrase, request_body,
     response_body,
 };
+use crate::node::ConnectionCounters;
 use crate::relay::{RELAY_BUFFER, relay};
 use crate::socks5::{Credentials, DialError, Dialer, TargetAddr};
 
@@ -53,6 +54,8 @@ pub struct HttpProxyConfig {
     pub max_connections: usize,
     /// Largest request or response head; a bigger request head is answered 400.
     pub max_head_bytes: usize,
+    /// Counts served clients (open and total), for metrics.
+    pub connections: Option<Arc<ConnectionCounters>>,
 }
 
 impl Default for HttpProxyConfig {
@@ -65,6 +68,7 @@ impl Default for HttpProxyConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            connections: None,
         }
     }
 }
@@ -147,6 +151,11 @@ impl<D: Dialer> HttpProxyServer<D> {
             if let Err(error) = stream.set_nodelay(true) {
                 debug!(%client, %error, "set_nodelay failed");
             }
+            let open = self
+                .config
+                .connections
+                .as_ref()
+                .map(ConnectionCounters::open);
             let config = Arc::clone(&self.config);
             let dialer = Arc::clone(&self.dialer);
             let token = cancel.child_token();
@@ -160,6 +169,7 @@ impl<D: Dialer> HttpProxyServer<D> {
                     };
                     outcome.log();
                     drop(permit);
+                    drop(open);
                 }
                 .instrument(span),
             );

@@ -121,6 +121,8 @@ impl Driver {
         local: SocketAddr,
         now: std::time::Instant,
     ) {
+        // Counted once per batch: no shared-counter traffic per datagram.
+        let (mut datagrams, mut bytes) = (0u64, 0u64);
         for _ in 0..MAX_BATCH {
             let (len, from) = match self.udp.try_recv_from(recv_buf) {
                 Ok(r) => r,
@@ -132,6 +134,8 @@ impl Driver {
                     continue;
                 }
             };
+            datagrams += 1;
+            bytes += len as u64;
             let from = tailnode_wg::udp::canonical_addr(from);
             let mut out = queues.free.pop().unwrap_or_default();
             // Only the tail beyond the previous packet is zeroed: a few
@@ -155,6 +159,10 @@ impl Driver {
                     queues.free.push(out);
                 }
             }
+        }
+        if datagrams > 0 {
+            self.counters.rx_datagrams.add(datagrams);
+            self.counters.rx_bytes.add(bytes);
         }
     }
 
@@ -188,10 +196,16 @@ impl Driver {
     fn drain_events(&mut self) {
         while let Some(event) = self.engine.poll_event() {
             match event {
-                Event::HandshakeCompleted { peer, endpoint, initiator } => {
+                Event::HandshakeCompleted {
+                    peer,
+                    endpoint,
+                    initiator,
+                } => {
+                    self.counters.handshakes_completed.increment();
                     debug!(peer = %peer.short(), %endpoint, initiator, "handshake completed");
                 }
                 Event::HandshakeExpired { peer } => {
+                    self.counters.handshakes_failed.increment();
                     info!(peer = %peer.short(), "no handshake answer; WireGuard session given up until new traffic");
                 }
                 Event::EndpointChanged { peer, endpoint } => {
@@ -233,8 +247,14 @@ async fn send(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.send_to(payload, dst).await,
         other => other,
     };
-    if let Err(e) = result {
-        counters.udp_send_errors.increment();
-        debug!(%dst, error = %e, "UDP send failed");
+    match result {
+        Ok(len) => {
+            counters.tx_datagrams.increment();
+            counters.tx_bytes.add(len as u64);
+        }
+        Err(e) => {
+            counters.udp_send_errors.increment();
+            debug!(%dst, error = %e, "UDP send failed");
+        }
     }
 }

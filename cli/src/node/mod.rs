@@ -127,6 +127,10 @@ impl Counter {
     pub fn increment(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     /// The current value.
     pub fn value(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -138,6 +142,62 @@ impl Counter {
 pub struct DataPlaneCounters {
     /// UDP datagrams the OS refused to send.
     pub udp_send_errors: Counter,
+    /// Datagrams received on the WireGuard UDP socket (valid or not).
+    pub rx_datagrams: Counter,
+    /// Bytes of those datagrams (UDP payload).
+    pub rx_bytes: Counter,
+    /// Datagrams sent on the WireGuard UDP socket.
+    pub tx_datagrams: Counter,
+    /// Bytes of those datagrams (UDP payload).
+    pub tx_bytes: Counter,
+    /// WireGuard handshakes completed (either side initiating).
+    pub handshakes_completed: Counter,
+    /// Times a peer's handshake attempts were given up (no answer within 90 s).
+    pub handshakes_failed: Counter,
+}
+
+/// Client connections of one proxy: open now, and accepted so far.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    active: AtomicU64,
+    total: AtomicU64,
+}
+
+impl ConnectionCounters {
+    /// Counts a connection as accepted and open until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> ConnectionGuard {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(self))
+    }
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+    /// Connections accepted so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One open connection of [`ConnectionCounters`]; closing it (dropping) decrements `active`.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<ConnectionCounters>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connection counters of the proxies served on a node, for metrics. The proxies find them
+/// through [`NodeHandle::proxy_counters`].
+#[derive(Debug, Clone, Default)]
+pub struct ProxyCounters {
+    /// The SOCKS5 proxy.
+    pub socks5: Arc<ConnectionCounters>,
+    /// The HTTP proxy.
+    pub http: Arc<ConnectionCounters>,
 }
 
 /// A request to the packet task.
@@ -248,6 +308,7 @@ impl Node {
                 public_key: config.private_key.public_key(),
                 local_udp,
                 counters: counters.clone(),
+                proxies: ProxyCounters::default(),
             }),
         };
         let driver = driver::Driver {
@@ -308,6 +369,7 @@ struct HandleInner {
     public_key: PublicKey,
     local_udp: SocketAddr,
     counters: DataPlaneCounters,
+    proxies: ProxyCounters,
 }
 
 /// A cheap, cloneable handle to a running node.
@@ -335,6 +397,11 @@ impl NodeHandle {
     /// Counters of the packet path.
     pub fn counters(&self) -> &DataPlaneCounters {
         &self.inner.counters
+    }
+
+    /// Connection counters for the proxies serving this node.
+    pub fn proxy_counters(&self) -> &ProxyCounters {
+        &self.inner.proxies
     }
 
     async fn ask<T>(
