@@ -1125,3 +1125,38 @@ async fn idle_association_is_closed_at_its_deadline() {
         "method selection and success reply, then EOF"
     );
 }
+
+#[tokio::test]
+async fn ipv6_clients_get_an_ipv6_relay_on_the_address_they_reached() {
+    let echo = udp_echo().await;
+    let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let proxy = listener.local_addr().unwrap();
+    let server = Socks5Server::new(Socks5Config::default(), Arc::new(LocalDialer::default()))
+        .with_udp(Arc::new(LocalUdp::default()));
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.serve(listener, cancel.clone()));
+    let mut control = TcpStream::connect(proxy).await.unwrap();
+    control
+        .write_all(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 2 + 22];
+    guard(control.read_exact(&mut reply)).await.unwrap();
+    assert_eq!(&reply[..6], &[5, 0, 5, 0, 0, 4], "IPv6 BND.ADDR");
+    let ip: [u8; 16] = reply[6..22].try_into().unwrap();
+    let relay = SocketAddr::from((ip, u16::from_be_bytes([reply[22], reply[23]])));
+    assert_eq!(relay.ip(), proxy.ip());
+    let client = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    client
+        .send_to(&udp_datagram(&TargetAddr::Ip(echo), b"six"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_reply(&client).await,
+        (TargetAddr::Ip(echo), b"six".to_vec())
+    );
+    cancel.cancel();
+}
