@@ -37,12 +37,29 @@ impl CoordinatorProc {
     /// Starts `tailnode coordinator` on `addr` (port 0: a free one) with a
     /// state file in `dir`, and waits for /healthz.
     pub async fn start(dir: &TempDir, name: &str, addr: SocketAddr, auth_key: &str) -> Self {
+        let state = dir.path().join(format!("{name}-state.json"));
+        Self::start_with_state(dir, name, addr, auth_key, state).await
+    }
+
+    /// A coordinator that takes over an earlier one's address and state
+    /// file, as a restart would.
+    pub async fn restart(&self, dir: &TempDir, name: &str, auth_key: &str) -> Self {
+        Self::start_with_state(dir, name, self.addr, auth_key, self.state.clone()).await
+    }
+
+    /// Like [`CoordinatorProc::start`] with a given state file.
+    pub async fn start_with_state(
+        dir: &TempDir,
+        name: &str,
+        addr: SocketAddr,
+        auth_key: &str,
+        state: PathBuf,
+    ) -> Self {
         let addr = if addr.port() == 0 {
             SocketAddr::new(addr.ip(), free_tcp_port())
         } else {
             addr
         };
-        let state = dir.path().join(format!("{name}-state.json"));
         let proc = Proc::tailnode(
             name,
             dir,

@@ -239,7 +239,7 @@ async fn coordinator_down_then_restarted() {
         .expect("new connection by address");
 
     // (b) Restart on the same port and state file.
-    coord = CoordinatorProc::start(&dir, "coordinator2", coord.addr, KEY).await;
+    coord = coord.restart(&dir, "coordinator2", KEY).await;
     let _ = &coord;
     let after = a
         .wait_status(Duration::from_secs(20), "reconnect", |s| {
@@ -357,7 +357,7 @@ async fn bad_auth_key_retries_and_bad_clients_do_not_disturb_others() {
 
     // The coordinator is restarted with the node's key: it joins on its own.
     coord.proc.signal_and_wait("TERM", Duration::from_secs(10));
-    let _coord = CoordinatorProc::start(&dir, "coordinator2", coord.addr, "new-key").await;
+    let _coord = coord.restart(&dir, "coordinator2", "new-key").await;
     d.wait_status(Duration::from_secs(15), "to join", |s| {
         s.node.control.state == "connected"
     })
