@@ -22,6 +22,7 @@ use crate::coordinated::{NodeDataPlane, node_key};
 use crate::dialer::{DEFAULT_CONNECT_TIMEOUT, DirectPolicy, TailnetDialer};
 use crate::expose::{ExposeSpec, serve_exposure};
 use crate::forward::{ForwardSpec, Protocol, serve_tcp_forward};
+use crate::http_proxy::{HttpProxyConfig, HttpProxyServer};
 use crate::identity::{default_key_file, load_or_create_key};
 use crate::metrics::MetricsSource;
 use crate::node::{Node, NodeConfig, NodeHandle};
@@ -84,27 +85,33 @@ pub struct UpArgs {
 
     /// Time allowed for one dial of the coordinator: TCP connect, TLS, the
     /// websocket upgrade and the hello/welcome exchange.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration, env = "TAILNODE_DIAL_TIMEOUT")]
     pub dial_timeout: Duration,
 
     /// Cap of the exponential, jittered backoff between coordinator dials.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, env = "TAILNODE_RETRY_MAX_BACKOFF")]
     pub retry_max_backoff: Duration,
 
     /// Ping the coordinator this often; no answer within two intervals and
     /// the session is dropped and redialled.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration, env = "TAILNODE_PING_INTERVAL")]
     pub ping_interval: Duration,
 
     /// A peer announced lost (or every peer, while our own coordinator
     /// session is down) is removed after this long without a WireGuard
     /// handshake.
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration, env = "TAILNODE_LOST_PEER_TIMEOUT")]
     pub lost_peer_timeout: Duration,
 
     /// UDP endpoint to advertise to peers instead of the discovered interface
-    /// addresses (repeatable; e.g. a port forwarded on a NAT).
-    #[arg(long = "endpoint", value_name = "ADDR")]
+    /// addresses (repeatable; e.g. a port forwarded on a NAT). In the
+    /// environment: comma separated.
+    #[arg(
+        long = "endpoint",
+        value_name = "ADDR",
+        env = "TAILNODE_ENDPOINT",
+        value_delimiter = ','
+    )]
     pub endpoints: Vec<SocketAddr>,
 
     /// SOCKS5 listen address, or `off`.
@@ -138,28 +145,49 @@ pub struct UpArgs {
     /// Allow SOCKS5 on a non-loopback address without credentials: anyone
     /// who can reach that address can then use the tailnet (and, with
     /// --socks5-direct, the host's network) through it.
-    #[arg(long)]
+    #[arg(long, env = "TAILNODE_SOCKS5_INSECURE_PUBLIC")]
     pub socks5_insecure_public: bool,
 
     /// Port forward, repeatable: tcp:LOCAL_ADDR:PORT=TAILNET_ADDR:PORT or
     /// udp:LOCAL_ADDR:PORT=TAILNET_ADDR:PORT (LOCAL_ADDR:PORT may be a bare
-    /// port, meaning 127.0.0.1).
-    #[arg(long, value_name = "SPEC")]
+    /// port, meaning 127.0.0.1). In the environment: comma separated.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        env = "TAILNODE_FORWARD",
+        value_delimiter = ','
+    )]
     pub forward: Vec<ForwardSpec>,
 
     /// UDP forward flows and SOCKS5 UDP associations with no datagram either
     /// way for this long are closed (e.g. 30s, 5m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration, env = "TAILNODE_UDP_IDLE_TIMEOUT")]
     pub udp_idle_timeout: Duration,
 
     /// Expose a local TCP service to the tailnet, repeatable: PORT (to
-    /// 127.0.0.1:PORT) or PORT=HOST:PORT.
-    #[arg(long, value_name = "SPEC")]
+    /// 127.0.0.1:PORT) or PORT=HOST:PORT. In the environment: comma separated.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        env = "TAILNODE_EXPOSE",
+        value_delimiter = ','
+    )]
     pub expose: Vec<ExposeSpec>,
 
     /// Time allowed to establish a connection (tailnet or direct), e.g. 15s.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration, env = "TAILNODE_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
+
+    /// HTTP proxy listen address (CONNECT tunnels and absolute-URI
+    /// requests; usable as HTTP_PROXY/HTTPS_PROXY), or `off`. Uses the same
+    /// credentials as SOCKS5 (Basic proxy authentication).
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "off",
+        env = "TAILNODE_HTTP_PROXY"
+    )]
+    pub http_proxy: ListenAddr,
 
     /// WireGuard UDP port, overriding ListenPort (0 picks one).
     #[arg(long, value_name = "PORT", env = "TAILNODE_LISTEN_PORT")]
@@ -204,6 +232,7 @@ impl UpArgs {
             listen_port: None,
             api: None,
             metrics: None,
+            http_proxy: ListenAddr::Off,
         }
     }
 
@@ -231,17 +260,20 @@ impl UpArgs {
             return Err(ConfigProblem("--name must not be empty".into()));
         }
         let credentials = self.proxy_credentials()?;
-        if let ListenAddr::On(addr) = self.socks5
-            && !addr.ip().to_canonical().is_loopback()
-            && credentials.is_none()
-            && !self.socks5_insecure_public
-        {
-            return Err(ConfigProblem(format!(
-                "refusing to serve SOCKS5 on {addr} without credentials: anyone who can reach \
-                 it could use the tailnet through it. Set --socks5-user and --socks5-pass \
-                 (or TAILNODE_SOCKS5_USER and TAILNODE_SOCKS5_PASS), listen on a loopback \
-                 address, or pass --socks5-insecure-public if this is really wanted"
-            )));
+        for (proxy, listen) in [("SOCKS5", self.socks5), ("the HTTP proxy", self.http_proxy)] {
+            if let ListenAddr::On(addr) = listen
+                && !addr.ip().to_canonical().is_loopback()
+                && credentials.is_none()
+                && !self.socks5_insecure_public
+            {
+                return Err(ConfigProblem(format!(
+                    "refusing to serve {proxy} on {addr} without credentials: anyone who can \
+                     reach it could use the tailnet through it. Set --socks5-user and \
+                     --socks5-pass (or TAILNODE_SOCKS5_USER and TAILNODE_SOCKS5_PASS), listen \
+                     on a loopback address, or pass --socks5-insecure-public if this is really \
+                     wanted"
+                )));
+            }
         }
         Ok(())
     }
@@ -477,15 +509,33 @@ pub async fn serve_everything(
     } else {
         DirectPolicy::Refuse
     };
+    let mut dialer = TailnetDialer::new(handle.clone(), direct, args.connect_timeout);
+    if let Some(names) = names {
+        dialer = dialer.with_names(names);
+    }
+    let dialer = Arc::new(dialer);
+    if let ListenAddr::On(addr) = args.http_proxy {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for the HTTP proxy on {addr}"))?;
+        let config = HttpProxyConfig {
+            auth: args.proxy_credentials()?,
+            connect_timeout: args.connect_timeout,
+            connections: Some(handle.proxy_counters().http.clone()),
+            ..HttpProxyConfig::default()
+        };
+        let server = HttpProxyServer::new(config, Arc::clone(&dialer));
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.serve(listener, cancel).await {
+                warn!(error = %e, "HTTP proxy stopped");
+            }
+        });
+    }
     if let ListenAddr::On(addr) = args.socks5 {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for SOCKS5 on {addr}"))?;
-        let mut dialer = TailnetDialer::new(handle.clone(), direct, args.connect_timeout);
-        if let Some(names) = names {
-            dialer = dialer.with_names(names);
-        }
-        let dialer = Arc::new(dialer);
         let config = Socks5Config {
             auth: args.proxy_credentials()?,
             connect_timeout: args.connect_timeout,

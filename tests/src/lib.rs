@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 pub mod control;
+pub mod http_origin;
 pub mod inproc;
 pub mod netns;
 pub mod process;
