@@ -170,3 +170,59 @@ fn sigterm_and_sigint_stop_the_node_with_exit_code_0() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_without_secrets() {
+    use std::io::BufRead as _;
+    let dir = std::env::temp_dir().join(format!("tailnode-cmd-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let private = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let path = dir.join("ok.conf");
+    std::fs::write(
+        &path,
+        format!("[Interface]\nPrivateKey = {private}\nAddress = 100.64.0.1/32\nListenPort = 0\n"),
+    )
+    .unwrap();
+    let mut child = tailnode()
+        .args([
+            "--log-format",
+            "json",
+            "up",
+            "--socks5",
+            "off",
+            "--api",
+            "off",
+            "--wg-config",
+        ])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines().take(50) {
+        let line = line.unwrap();
+        let started = line.contains("node started");
+        lines.push(line);
+        if started {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("node started")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+        assert!(!line.contains(private), "private key in the logs: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
