@@ -226,3 +226,61 @@ fn json_logs_are_one_object_per_line_without_secrets() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn demo_serves_the_page_through_the_tunnel_by_peer_name() {
+    use std::io::BufRead as _;
+    let socks = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socks.local_addr().unwrap();
+    drop(socks);
+    let mut child = tailnode()
+        .args(["demo", "--socks5", &addr.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // The demo prints the curl command once the page really comes through.
+    let command = std::io::BufReader::new(stdout)
+        .lines()
+        .take(40)
+        .map(|l| l.unwrap())
+        .find(|l| l.trim_start().starts_with("curl --socks5-hostname"))
+        .expect("the demo prints a curl command");
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(&args)
+        .output()
+        .unwrap();
+    // SIGTERM, so that the demo removes its scratch directory.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello from web"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        command.contains("http://web/"),
+        "the command uses the peer's name: {command}"
+    );
+}

@@ -405,3 +405,44 @@ async fn bad_auth_key_retries_and_bad_clients_do_not_disturb_others() {
     );
     drop(b);
 }
+
+/// A restarted node keeps its key file, hence its name and addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_keeps_identity_from_its_key_file() {
+    tailnode_tests::init_tracing();
+    let dir = TempDir::new("cp-identity");
+    let coord = CoordinatorProc::start(&dir, "coordinator", localhost(), KEY).await;
+    let opts = || NodeOptions {
+        name: "stable",
+        coordinator: coord.url(),
+        auth_key: KEY,
+        socks: false,
+        extra: vec![],
+        netns: None,
+        udp_port: None,
+    };
+    let mut first = NodeProc::start(&dir, opts()).await;
+    let before = first
+        .wait_status(Duration::from_secs(15), "to join", |s| {
+            s.node.control.state == "connected"
+        })
+        .await;
+    let key_file = dir.path().join("stable.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "key file created with mode 0600");
+    first
+        .proc
+        .signal_and_wait("TERM", Duration::from_secs(10))
+        .unwrap();
+    let second = NodeProc::start(&dir, opts()).await;
+    let after = second
+        .wait_status(Duration::from_secs(15), "to rejoin", |s| {
+            s.node.control.state == "connected"
+        })
+        .await;
+    assert_eq!(after.node.public_key, before.node.public_key);
+    assert_eq!(after.node.addresses, before.node.addresses);
+    assert_eq!(after.node.name, before.node.name);
+}
