@@ -272,6 +272,13 @@ async fn pump(
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => {
+                // A blackhole swallows the close too: the other side must
+                // find out by itself (pings, timeouts), as behind a dead link.
+                if generation.load(Ordering::Relaxed) != start_gen
+                    && Mode::from_u8(mode.load(Ordering::Relaxed)) == Mode::Blackhole
+                {
+                    std::future::pending::<()>().await;
+                }
                 let _ = to.shutdown().await;
                 return;
             }
