@@ -609,3 +609,28 @@ async fn a_websocket_that_never_says_hello_is_refused_in_time() {
     assert_eq!(j.name, "prompt");
     c.stop().await;
 }
+
+/// Snapshots far larger than one write buffer arrive whole: they are sent
+/// as websocket fragments, so no session keeps a snapshot-sized buffer.
+#[tokio::test]
+async fn large_snapshots_arrive_whole_through_fragments() {
+    let dir = temp_dir("fragments");
+    let c = Coordinator::start(config(&dir)).await.unwrap();
+    let long = "n".repeat(60);
+    let mut joined = Vec::new();
+    for seed in 1..=200u8 {
+        joined.push(join(&c.url(), seed, &format!("{long}{seed}")).await);
+    }
+    let last = joined.last().unwrap();
+    assert_eq!(last.peers.len(), 199);
+    let bytes: usize = last.peers.iter().map(|p| p.name.len() + 150).sum();
+    assert!(
+        bytes > 2 * (16 << 10),
+        "the snapshot spans several fragments ({bytes} bytes)"
+    );
+    let mut names: Vec<&str> = last.peers.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 199, "every peer exactly once");
+    c.stop().await;
+}

@@ -126,8 +126,12 @@ pub struct CoordinatorConfig {
     /// Time allowed for the TLS handshake, the HTTP head, the websocket
     /// upgrade and the `hello` (default 10 s).
     pub handshake_timeout: Duration,
-    /// Outbound queue length per session, in messages (default 256, at
-    /// least 2). A session whose queue overflows is dropped.
+    /// Outbound queue length per session, in messages (default 65 536, at
+    /// least 2). Queued messages are shared, pre-serialized frames, so a
+    /// long queue costs a pointer per message; it absorbs a join storm's
+    /// burst of updates without dropping healthy sessions. A session whose
+    /// queue still overflows is dropped (it reconnects and resyncs); one
+    /// that stops reading is dropped by the write timeout long before.
     pub session_queue: usize,
 }
 
@@ -146,7 +150,7 @@ impl CoordinatorConfig {
             tls: None,
             max_connections: 100_000,
             handshake_timeout: Duration::from_secs(10),
-            session_queue: 256,
+            session_queue: 65_536,
         }
     }
 

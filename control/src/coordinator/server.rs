@@ -189,7 +189,14 @@ impl CoordinatorServer {
             ws_config: WebSocketConfig::default()
                 .max_message_size(Some(MAX_CLIENT_MESSAGE))
                 .max_frame_size(Some(MAX_CLIENT_MESSAGE))
-                .read_buffer_size(4096),
+                .read_buffer_size(4096)
+                // tungstenite's write buffer keeps the capacity of the
+                // largest write it ever held: with whole snapshots written
+                // as one frame, every session would keep a snapshot-sized
+                // buffer (O(n) each, O(n²) in all). Large messages are
+                // written as fragments instead (see `feed_frame`), so it
+                // stays near this size.
+                .write_buffer_size(WRITE_BUFFER),
             fixed_auth,
             config: config.clone(),
             inner: Mutex::new(HubInner {
@@ -934,11 +941,11 @@ async fn write_batch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.feed(first.into_message()).await?;
+    feed_frame(ws, first).await?;
     let mut close = None;
     for _ in 1..MAX_WRITE_BATCH {
         match rx.try_recv() {
-            Ok(Outbound::Frame(frame)) => ws.feed(frame.into_message()).await?,
+            Ok(Outbound::Frame(frame)) => feed_frame(ws, frame).await?,
             Ok(Outbound::Close(frame)) => {
                 close = Some(frame);
                 break;
@@ -948,6 +955,41 @@ where
     }
     ws.flush().await?;
     Ok(close)
+}
+
+/// Size at which tungstenite writes its buffer to the socket, and the size
+/// of the fragments large messages are cut into.
+const WRITE_BUFFER: usize = 16 << 10;
+
+/// Queues one text message, cut into websocket fragments (RFC 6455 §5.4)
+/// when it is larger than [`WRITE_BUFFER`]; receivers see one message.
+async fn feed_frame<S>(ws: &mut Ws<S>, frame: Frame) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WireFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let message = frame.into_message();
+    let Message::Text(text) = &message else {
+        return ws.feed(message).await;
+    };
+    if text.len() <= WRITE_BUFFER {
+        return ws.feed(message).await;
+    }
+    let bytes = Bytes::from(text.clone());
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = (start + WRITE_BUFFER).min(bytes.len());
+        let opcode = if start == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let fragment = WireFrame::message(bytes.slice(start..end), opcode, end == bytes.len());
+        ws.feed(Message::Frame(fragment)).await?;
+        start = end;
+    }
+    Ok(())
 }
 
 /// Sends a close frame (best effort, bounded in time).
