@@ -105,10 +105,13 @@ where
     Err(last.expect("at least one attempt"))
 }
 
-/// Turns on test logging once (RUST_LOG controls it; off by default).
+/// Turns on test logging once: `RUST_LOG` if set, else `info`. Output goes
+/// through the test harness, so it shows only for a failing test.
 pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
 }
