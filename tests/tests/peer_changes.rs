@@ -30,6 +30,28 @@ async fn transfer(from: &tailnode::node::NodeHandle, to: u8, up: u64, down: u64,
         .expect("transfer");
 }
 
+/// Waits (at most 5 s) until A has received nothing from `peer` for 300 ms.
+async fn wait_until_quiet(a: &tailnode::node::NodeHandle, peer: &tailnode::node::NodeHandle) {
+    let rx_packets = || async {
+        a.peers()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|p| p.public_key == peer.public_key())
+            .map_or(0, |p| p.rx_packets)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = rx_packets().await;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = rx_packets().await;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_remove_and_re_endpoint_peers_while_a_transfer_runs() {
     tailnode_tests::init_tracing();
@@ -74,6 +96,10 @@ async fn add_remove_and_re_endpoint_peers_while_a_transfer_runs() {
 
     // Change D's endpoint to a relay in front of D: traffic now crosses the
     // relay (which proves the new endpoint is used) and still arrives intact.
+    // First let the last transfer's closing segments land: an authenticated
+    // packet D sent directly and A receives after the change would roam A
+    // back to D's direct address, as WireGuard roaming must.
+    wait_until_quiet(&a, &d).await;
     let relay = UdpRelay::start(loopback_endpoint(&d)).await;
     a.upsert_peer(peer_config(&d, 4, Some(relay.addr())))
         .await
