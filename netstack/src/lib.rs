@@ -82,10 +82,11 @@
 //! # Limitations
 //!
 //! Loss recovery is smoltcp's: a fast retransmit of one segment after three duplicate *pure*
-//! ACKs, no partial-ACK (RFC 6582) or SACK-based recovery, and a retransmission timeout of at
-//! least 1 s. Several losses in one window, or a loss while both directions carry data, cost a
-//! full RTO: on the in-memory pair, 0.1% loss stalls a 4 MiB transfer about 1 s, 1% loss both
-//! ways makes 5 MiB take 11 s. Fixing this needs changes inside smoltcp.
+//! ACKs, no partial-ACK (RFC 6582) or SACK-based recovery. Several losses in one window, a
+//! tail drop of the whole window, or a loss while both directions carry data, cost a full
+//! retransmission timeout, at least 200 ms: the workspace builds a copy of smoltcp 0.14.0 with
+//! Linux's floor instead of upstream's 1 s (`third_party/smoltcp/TAILNODE.md`). Better
+//! recovery needs changes inside smoltcp.
 //!
 //! IP fragments are dropped (smoltcp is built without reassembly; counted in
 //! [`NetstackStats::fragments_dropped`]). IPv6 extension headers other than hop-by-hop, routing
