@@ -10,8 +10,8 @@
 //! unless `TAILNODE_BIN=/path/to/tailnode` is set. Everything runs on
 //! 127.0.0.1; every process started is killed on drop; every wait is bounded.
 //! The run itself takes about 5 minutes on a 2-core machine (plus the
-//! compile); the 10 000-node fan-out needs ~17 GiB of memory for the
-//! coordinator today (see scenario 4).
+//! compile); the 10 000-node fan-out needs about 0.5 GiB of memory for the
+//! coordinator (see scenario 4).
 //!
 //! # Scenarios
 //!
