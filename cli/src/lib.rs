@@ -25,6 +25,7 @@
 //! - [`up`], [`coordinator_cmd`] and [`demo`]: the `tailnode up`,
 //!   `tailnode coordinator` and `tailnode demo` commands.
 
+mod accept;
 pub mod api;
 pub mod config_file;
 pub mod coordinated;

@@ -16,11 +16,9 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, trace, warn};
+use tracing::{Instrument, debug, info, info_span, trace};
 
 use super::parse::{
     AbsoluteUri, BodyLength, BodyTracker, DEFAULT_MAX_HEAD_BYTES, HeadKind, HeadScanner, Limits,
@@ -29,6 +27,7 @@ use super::parse::{
     parse_connect_target, parse_request_head, parse_response_head, reason_phrase, request_body,
     response_body,
 };
+use crate::accept::{AcceptLimits, accept_clients};
 use crate::node::ConnectionCounters;
 use crate::relay::{RELAY_BUFFER, relay};
 use crate::socks5::{Credentials, DialError, Dialer, TargetAddr};
@@ -80,8 +79,6 @@ pub struct HttpProxyServer<D: Dialer> {
     dialer: Arc<D>,
 }
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Read size while reading a head.
 const HEAD_READ: usize = 8 * 1024;
 /// Longest time spent, after a final error answer, reading and discarding what the client still
@@ -114,71 +111,26 @@ impl<D: Dialer> HttpProxyServer<D> {
     pub async fn serve(self, listener: TcpListener, cancel: CancellationToken) -> io::Result<()> {
         let local = listener.local_addr()?;
         info!(%local, auth = self.config.auth.is_some(), "HTTP proxy listening");
-        let limit = Arc::new(Semaphore::new(
-            self.config.max_connections.min(Semaphore::MAX_PERMITS),
-        ));
-        let tracker = TaskTracker::new();
-        let mut at_limit = false;
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, client) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%local, %error, "HTTP proxy accept failed; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
-                    }
-                }
-            };
-            let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-                if !at_limit {
-                    warn!(
-                        max = self.config.max_connections,
-                        "HTTP proxy connection limit reached; closing new clients until some finish"
-                    );
-                    at_limit = true;
-                }
-                debug!(%client, "HTTP proxy client over the connection limit: closed");
-                drop(stream);
-                continue;
-            };
-            at_limit = false;
-            if let Err(error) = stream.set_nodelay(true) {
-                debug!(%client, %error, "set_nodelay failed");
+        let limits = AcceptLimits {
+            kind: "HTTP",
+            max_connections: self.config.max_connections,
+            connections: self.config.connections.as_ref(),
+        };
+        let (config, dialer) = (&self.config, &self.dialer);
+        accept_clients(listener, local, &cancel, limits, |stream, client, token| {
+            let config = Arc::clone(config);
+            let dialer = Arc::clone(dialer);
+            async move {
+                let outcome = tokio::select! {
+                    biased;
+                    () = token.cancelled() => Outcome::Cancelled,
+                    outcome = serve_connection(stream, &config, &*dialer) => outcome,
+                };
+                outcome.log();
             }
-            let open = self
-                .config
-                .connections
-                .as_ref()
-                .map(ConnectionCounters::open);
-            let config = Arc::clone(&self.config);
-            let dialer = Arc::clone(&self.dialer);
-            let token = cancel.child_token();
-            let span = info_span!("http_proxy", %client);
-            tracker.spawn(
-                async move {
-                    let outcome = tokio::select! {
-                        biased;
-                        () = token.cancelled() => Outcome::Cancelled,
-                        outcome = serve_connection(stream, &config, &*dialer) => outcome,
-                    };
-                    outcome.log();
-                    drop(permit);
-                    drop(open);
-                }
-                .instrument(span),
-            );
-        }
-        drop(listener);
-        tracker.close();
-        info!(%local, active = tracker.len(), "HTTP proxy closed; draining connections");
-        tracker.wait().await;
-        info!(%local, "HTTP proxy stopped");
+            .instrument(info_span!("http_proxy", %client))
+        })
+        .await;
         Ok(())
     }
 }

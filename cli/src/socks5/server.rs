@@ -19,13 +19,13 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::association::{Association, AssociationCounts};
 use super::handshake::{Credentials, Handshake, HandshakeError, Step};
 use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
 use super::udp::{NoUdp, Socks5Counters, UdpDialer, UdpEnd, log_end, run_association};
+use crate::accept::{AcceptLimits, accept_clients};
 use crate::node::ConnectionCounters;
 
 /// Why a dial failed, mapped to RFC 1928 reply codes by [`DialError::reply_code`].
@@ -161,8 +161,6 @@ pub(crate) struct ConnAddrs {
     pub(crate) peer: SocketAddr,
 }
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Handshake input buffer. The longest handshake message is an RFC 1929 request (513 bytes), so a
 /// valid client never fills it; bytes pipelined after the request are forwarded to the target.
 const HANDSHAKE_BUF: usize = 1024;
@@ -219,9 +217,6 @@ impl<D: Dialer, U: UdpDialer> Socks5Server<D, U> {
             udp = self.udp.is_some(),
             "SOCKS5 proxy listening"
         );
-        let limit = Arc::new(Semaphore::new(
-            self.config.max_connections.min(Semaphore::MAX_PERMITS),
-        ));
         let shared = Arc::new(Shared {
             config: Arc::clone(&self.config),
             dialer: Arc::clone(&self.dialer),
@@ -231,72 +226,28 @@ impl<D: Dialer, U: UdpDialer> Socks5Server<D, U> {
             )),
             counters: Arc::clone(&self.counters),
         });
-        let tracker = TaskTracker::new();
-        let mut at_limit = false;
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, client) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%local, %error, "SOCKS5 accept failed; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
-                    }
-                }
-            };
-            let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-                if !at_limit {
-                    warn!(
-                        max = self.config.max_connections,
-                        "SOCKS5 connection limit reached; closing new clients until some finish"
-                    );
-                    at_limit = true;
-                }
-                debug!(%client, "SOCKS5 client over the connection limit: closed");
-                drop(stream);
-                continue;
-            };
-            at_limit = false;
-            // Relayed writes are application writes already; do not delay them further.
-            if let Err(error) = stream.set_nodelay(true) {
-                debug!(%client, %error, "set_nodelay failed");
-            }
+        let limits = AcceptLimits {
+            kind: "SOCKS5",
+            max_connections: self.config.max_connections,
+            connections: self.config.connections.as_ref(),
+        };
+        accept_clients(listener, local, &cancel, limits, |stream, client, token| {
             let addrs = ConnAddrs {
                 local: stream.local_addr().unwrap_or(local),
                 peer: client,
             };
-            let open = self
-                .config
-                .connections
-                .as_ref()
-                .map(ConnectionCounters::open);
             let shared = Arc::clone(&shared);
-            let token = cancel.child_token();
-            let span = info_span!("socks5", %client);
-            tracker.spawn(
-                async move {
-                    let outcome = tokio::select! {
-                        biased;
-                        () = token.cancelled() => Outcome::Cancelled,
-                        outcome = serve_connection(stream, addrs, &shared) => outcome,
-                    };
-                    outcome.log();
-                    drop(permit);
-                    drop(open);
-                }
-                .instrument(span),
-            );
-        }
-        drop(listener);
-        tracker.close();
-        info!(%local, active = tracker.len(), "SOCKS5 proxy closed; draining connections");
-        tracker.wait().await;
-        info!(%local, "SOCKS5 proxy stopped");
+            async move {
+                let outcome = tokio::select! {
+                    biased;
+                    () = token.cancelled() => Outcome::Cancelled,
+                    outcome = serve_connection(stream, addrs, &shared) => outcome,
+                };
+                outcome.log();
+            }
+            .instrument(info_span!("socks5", %client))
+        })
+        .await;
         Ok(())
     }
 }
