@@ -202,6 +202,64 @@ impl LinkedNetns {
             netns,
         }
     }
+
+    /// Drops `per_mille` of the UDP datagrams entering and leaving the
+    /// namespace, at random, with an nftables rule (this kernel has no
+    /// `netem`); replaces the loss set before, and 0 removes it.
+    pub fn udp_loss(&self, per_mille: u32) {
+        let _ = self
+            .netns
+            .exec_unchecked(&["nft", "delete", "table", "inet", "tailnode_loss"]);
+        if per_mille == 0 {
+            return;
+        }
+        self.netns
+            .exec(&["nft", "add", "table", "inet", "tailnode_loss"]);
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            self.netns.exec(&[
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "tailnode_loss",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; }}"),
+            ]);
+            self.netns.exec(&[
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "tailnode_loss",
+                chain,
+                "meta",
+                "l4proto",
+                "udp",
+                "numgen",
+                "random",
+                "mod",
+                "1000",
+                "lt",
+                &per_mille.to_string(),
+                "counter",
+                "drop",
+            ]);
+        }
+    }
+
+    /// How many datagrams the [`udp_loss`](Self::udp_loss) rules dropped.
+    pub fn udp_dropped(&self) -> u64 {
+        let out = self
+            .netns
+            .exec_unchecked(&["nft", "list", "table", "inet", "tailnode_loss"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
 }
 
 /// wireguard-go on a TUN device in its own namespace, peered with one node.
@@ -297,6 +355,11 @@ impl WireguardGo {
     /// The namespace wireguard-go runs in.
     pub fn netns(&self) -> &Netns {
         &self.link.netns
+    }
+
+    /// The link between the root namespace and wireguard-go's.
+    pub fn link(&self) -> &LinkedNetns {
+        &self.link
     }
 
     /// The UDP endpoint our node should use.
