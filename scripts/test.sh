@@ -25,4 +25,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The TCP socket tests of the patched smoltcp copy (third_party/smoltcp/TAILNODE.md).
+(cd third_party/smoltcp && CARGO_TARGET_DIR="$PWD/../../target/third-party" \
+  cargo test --locked --quiet --lib socket::tcp)
+
 exec cargo test --workspace --locked "$@"

@@ -752,3 +752,63 @@ async fn lossy_link_still_delivers_every_byte() {
     assert_eq!((up_len, got_up), (4 << 20, sent_up));
     assert_eq!((down_len, got_down), (1 << 20, sent_down));
 }
+
+/// `(sequence number, payload length)` of an IPv4 TCP segment.
+fn tcp_v4_segment(packet: &[u8]) -> Option<(u32, usize)> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    if packet.first()? >> 4 != 4 || *packet.get(9)? != 6 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    let tcp = packet.get(ihl..total)?;
+    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
+    let data_offset = usize::from(tcp.get(12)? >> 4) * 4;
+    Some((seq, tcp.len().checked_sub(data_offset)?))
+}
+
+/// Two segments lost in one window near the end of a transfer, so that no new data follows
+/// them: fast retransmit repairs the first hole and the partial ACK that comes back makes the
+/// sender retransmit the second at once (NewReno, RFC 6582, in the workspace's smoltcp). The
+/// clock is frozen, so a retransmission timeout can never fire: the transfer completes only if
+/// the recovery needed none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_losses_in_one_window_are_repaired_without_a_timeout() {
+    const LEN: usize = 256 << 10;
+    let (a, b) = Pair::configs();
+    let pair = Pair::with_frozen_clock(a, b).unwrap();
+    let (client, server) = connect_accept(&pair, 7500, v4(B_V4, 7500)).await;
+    // Offsets in the stream whose first carrying segment is dropped.
+    let holes = [LEN - 9000, LEN - 4000];
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut first_seq = None;
+    let mut done = [false; 2];
+    let counter = Arc::clone(&dropped);
+    pair.set_filter(Some(Box::new(move |dir, packet| {
+        let Some((seq, len)) = tcp_v4_segment(packet) else {
+            return true;
+        };
+        if dir != Direction::AToB || len == 0 {
+            return true;
+        }
+        // No data went out before the filter was set: the first segment starts the stream.
+        let offset = seq.wrapping_sub(*first_seq.get_or_insert(seq)) as usize;
+        for (hole, done) in holes.iter().zip(done.iter_mut()) {
+            if !*done && (offset..offset + len).contains(hole) {
+                *done = true;
+                counter.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    })));
+    let data = Arc::new(pattern(LEN, 31));
+    let (_, client_w) = tokio::io::split(client);
+    let (server_r, _server_w) = tokio::io::split(server);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(send_all_hashed(client_w, data), read_all_hashed(server_r))
+    })
+    .await;
+    assert_eq!(dropped.load(Ordering::Relaxed), 2, "both holes were made");
+    let (sent, (len, got)) = outcome.expect("the transfer stalled: recovery waited for a timeout");
+    assert_eq!((len, got), (LEN, sent));
+}

@@ -203,6 +203,11 @@ impl RttEstimator {
         if self.have_measurement { self.srtt } else { 0 }
     }
 
+    /// tailnode: the smoothed round trip in milliseconds, once measured.
+    fn srtt_millis(&self) -> Option<u32> {
+        self.have_measurement.then_some(self.srtt)
+    }
+
     fn sample(&mut self, new_rtt: u32) {
         if self.have_measurement {
             // RFC 6298 (2.3) When a subsequent RTT measurement R' is made, a host MUST set (...)
@@ -527,6 +532,16 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+    /// tailnode: NewReno (RFC 6582) recovery point: the highest sequence number sent when fast
+    /// retransmit started. An ACK below it acknowledges only part of the data in flight at the
+    /// loss (a "partial ACK"), which means the next segment was lost too: it is retransmitted at
+    /// once instead of waiting for three more duplicate ACKs or the retransmission timer.
+    recovery_point: Option<TcpSeqNumber>,
+    /// tailnode: when to send a tail loss probe (RFC 8985 section 7, simplified): with data in
+    /// flight and no ACK for about two smoothed round trips, the first unacknowledged segment is
+    /// sent again, without a congestion response. Its ACK repairs a lost tail or a lost final
+    /// ACK in a few round trips instead of a retransmission timeout.
+    tail_loss_probe_at: Option<Instant>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -618,6 +633,8 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            recovery_point: None,
+            tail_loss_probe_at: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -930,6 +947,10 @@ impl<'a> Socket<'a> {
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
         self.challenge_ack_timer = Instant::from_secs(0);
+        self.pending_fast_retransmit = false;
+        self.recovery_point = None;
+        self.tail_loss_probe_at = None;
+        self.local_rx_dup_acks = 0;
 
         #[cfg(feature = "async")]
         {
@@ -1400,6 +1421,25 @@ impl<'a> Socket<'a> {
     /// Number of octets transmitted but not yet ACKed.
     fn flight_size(&self) -> usize {
         self.remote_last_seq - self.local_seq_no
+    }
+
+    /// tailnode: (re)arms the tail loss probe after the retransmission timer was (re)started
+    /// at `now`: two smoothed round trips (at least 10 ms; plus 40 ms for a peer's delayed ACK
+    /// when a single segment is in flight), if that comes before the timer.
+    fn arm_tail_loss_probe(&mut self, now: Instant) {
+        self.tail_loss_probe_at = None;
+        let (Some(srtt), Timer::Retransmit { expires_at }) = (self.rtte.srtt_millis(), self.timer)
+        else {
+            return;
+        };
+        let mut pto = (2 * srtt).max(10);
+        if self.flight_size() <= usize::from(self.remote_mss) {
+            pto += 40;
+        }
+        let at = now + Duration::from_millis(u64::from(pto));
+        if at < expires_at {
+            self.tail_loss_probe_at = Some(at);
+        }
     }
 
     fn cwnd_remaining(&self) -> usize {
@@ -2100,11 +2140,15 @@ impl<'a> Socket<'a> {
                 // Duplicate ACK if payload empty and ACK doesn't move send window ->
                 // Increment duplicate ACK count, notify congestion controller and
                 // set for retransmit if we just received the third duplicate ACK
+                // tailnode: an ACK with SACK blocks reports data received above a hole, so it
+                // is a duplicate even when its window changed: Linux grows its advertised
+                // window on every such ACK (receive-buffer autotuning), and without this not one
+                // of them counted, so every loss waited for the retransmission timer.
                 Some(last_rx_ack)
                     if repr.payload.is_empty()
                         && last_rx_ack == ack_number
                         && ack_number < self.remote_last_seq
-                        && !is_window_update =>
+                        && (!is_window_update || repr.sack_ranges.iter().any(Option::is_some)) =>
                 {
                     // Increment duplicate ACK count
                     self.local_rx_dup_acks = self.local_rx_dup_acks.saturating_add(1);
@@ -2120,9 +2164,25 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 {
+                    // tailnode: not again while a recovery is under way (RFC 6582 3.2 step 1):
+                    // its partial ACKs retransmit the further holes.
+                    if self.local_rx_dup_acks == 3 && self.recovery_point.is_none() {
                         self.timer.set_for_fast_retransmit();
+                        self.recovery_point = Some(self.remote_last_seq);
                         net_debug!("started fast retransmit");
+                    } else if let Some(recover) = self.recovery_point
+                        && repr
+                            .sack_ranges
+                            .iter()
+                            .flatten()
+                            .any(|&(_, right)| TcpSeqNumber(right as i32) > recover)
+                    {
+                        // tailnode: data sent after the retransmission arrived while the hole
+                        // is still there: the retransmission was lost too. Send it again now
+                        // rather than after the retransmission timer.
+                        self.pending_fast_retransmit = true;
+                        self.recovery_point = Some(self.remote_last_seq);
+                        net_debug!("lost retransmission of {}: sending it again", ack_number);
                     }
 
                     // Notify of duplicate ACK
@@ -2142,6 +2202,23 @@ impl<'a> Socket<'a> {
                         net_debug!("reset duplicate ACK count");
                     }
                     self.local_rx_last_ack = Some(ack_number);
+
+                    // tailnode: NewReno partial ACK (RFC 6582 3.2 step 3): the next hole is
+                    // retransmitted at once; a full ACK ends the recovery.
+                    if let Some(recover) = self.recovery_point {
+                        if ack_number >= recover {
+                            self.recovery_point = None;
+                        } else if ack_len > 0 && ack_number < self.remote_last_seq {
+                            if self.tx_buffer.is_empty() {
+                                // Only our FIN is outstanding (a FIN that arrived out of order
+                                // is forgotten by the receiver): send it again.
+                                self.remote_last_seq = ack_number;
+                            } else {
+                                self.pending_fast_retransmit = true;
+                            }
+                            net_debug!("partial ACK {}: retransmitting the next hole", ack_number);
+                        }
+                    }
 
                     // Notify of fresh ACK
                     self.rtte.on_ack(cx.now(), ack_number);
@@ -2180,10 +2257,12 @@ impl<'a> Socket<'a> {
                 if ack_all {
                     // RFC 6298: (5.2) ACK of all outstanding data turn off the retransmit timer.
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
+                    self.tail_loss_probe_at = None;
                 } else if ack_len > 0 {
                     // (5.3) ACK of new data in ESTABLISHED state restart the retransmit timer.
                     let rto = self.rtte.retransmission_timeout();
                     self.timer.set_for_retransmit(cx.now(), rto);
+                    self.arm_tail_loss_probe(cx.now());
                 }
             }
             Timer::Idle { .. } => {
@@ -2470,6 +2549,21 @@ impl<'a> Socket<'a> {
             .inner_mut()
             .pre_transmit(cx.now());
 
+        // tailnode: the tail loss probe, when due, resends the first unacknowledged segment.
+        if let Some(at) = self.tail_loss_probe_at
+            && cx.now() >= at
+        {
+            self.tail_loss_probe_at = None;
+            if matches!(self.timer, Timer::Retransmit { .. })
+                && self.flight_size() > 0
+                && !self.tx_buffer.is_empty()
+            {
+                net_debug!("tail loss probe");
+                self.pending_fast_retransmit = true;
+                self.rtte.on_retransmit();
+            }
+        }
+
         // Check if any state needs to be changed because of a timer.
         if self.timed_out(cx.now()) {
             // If a timeout expires, we should abort the connection.
@@ -2490,6 +2584,8 @@ impl<'a> Socket<'a> {
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
                 self.remote_last_seq = self.local_seq_no;
+                self.recovery_point = None;
+                self.tail_loss_probe_at = None;
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2845,6 +2941,7 @@ impl<'a> Socket<'a> {
             // so that it will expire after RTO seconds.
             let rto = self.rtte.retransmission_timeout();
             self.timer.set_for_retransmit(cx.now(), rto);
+            self.arm_tail_loss_probe(cx.now());
         }
 
         if self.state == State::Closed {
@@ -2897,8 +2994,16 @@ impl<'a> Socket<'a> {
             };
 
             // We wait for the earliest of our timers to fire.
-            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at]
-                .iter()
+            let tail_loss_probe_poll_at = self
+                .tail_loss_probe_at
+                .map_or(PollAt::Ingress, PollAt::Time);
+            *[
+                self.timer.poll_at(),
+                timeout_poll_at,
+                delayed_ack_poll_at,
+                tail_loss_probe_poll_at,
+            ]
+            .iter()
                 .min()
                 .unwrap_or(&PollAt::Ingress)
         }
@@ -6615,8 +6720,9 @@ mod test {
             window_len: 6,
             ..SEND_TEMPL
         });
-        // The second packet should be re-sent.
-        recv!(s, time 1500, Ok(TcpRepr {
+        // The second packet should be re-sent (tailnode: by the tail loss probe, two smoothed
+        // round trips (10 ms floor) plus 40 ms for one segment in flight after the ACK).
+        recv!(s, time 55, Ok(TcpRepr {
             control:    TcpControl::Psh,
             seq_number: LOCAL_SEQ + 1 + 6,
             ack_number: Some(REMOTE_SEQ + 1),
@@ -6624,7 +6730,7 @@ mod test {
             ..RECV_TEMPL
         }), exact);
 
-        recv_nothing!(s, time 1550);
+        recv_nothing!(s, time 100);
     }
 
     #[test]
@@ -6654,6 +6760,16 @@ mod test {
             window_len: 6,
             ..SEND_TEMPL
         });
+        // tailnode: the tail loss probe resends the second packet first, 2 * 600 + 40 ms after
+        // the ACK, without touching the retransmission timer.
+        recv_nothing!(s, time 1839);
+        recv!(s, time 1840, Ok(TcpRepr {
+            control:    TcpControl::Psh,
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"012345"[..],
+            ..RECV_TEMPL
+        }), exact);
         // The ACK of the first packet should restart the retransmit timer and delay a retransmission.
         recv_nothing!(s, time 2399);
         // The second packet should be re-sent.
@@ -6694,8 +6810,9 @@ mod test {
             window_len: 6,
             ..SEND_TEMPL
         });
-        // The second packet should be re-sent.
-        recv!(s, time 1500, Ok(TcpRepr {
+        // The second packet should be re-sent (tailnode: by the tail loss probe, two smoothed
+        // round trips (10 ms floor) plus 40 ms for one segment in flight after the ACK).
+        recv!(s, time 55, Ok(TcpRepr {
             control:    TcpControl::Fin,
             seq_number: LOCAL_SEQ + 1 + 6,
             ack_number: Some(REMOTE_SEQ + 1),
@@ -6703,7 +6820,7 @@ mod test {
             ..RECV_TEMPL
         }), exact);
 
-        recv_nothing!(s, time 1550);
+        recv_nothing!(s, time 100);
     }
 
     #[test]
@@ -7155,6 +7272,38 @@ mod test {
             s.local_rx_dup_acks, 0,
             "duplicate ACK counter is not reset when receiving a window update"
         );
+    }
+
+    /// tailnode: Linux grows its advertised window on every duplicate ACK it sends (receive
+    /// buffer autotuning); ACKs that carry SACK blocks still count as duplicates.
+    #[test]
+    fn test_fast_retransmit_duplicate_detection_with_sack_and_growing_window() {
+        let mut s = socket_established();
+
+        s.send_slice(b"abc").unwrap(); // This is lost
+        recv!(s, time 1000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abc"[..],
+            ..RECV_TEMPL
+        }));
+        send!(s, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            ..SEND_TEMPL
+        });
+        for (i, window_len) in [300u16, 310, 320].into_iter().enumerate() {
+            let mut sack_ranges = [None; 3];
+            sack_ranges[0] = Some((LOCAL_SEQ.0 as u32 + 10, LOCAL_SEQ.0 as u32 + 20));
+            send!(s, TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                window_len,
+                sack_ranges,
+                ..SEND_TEMPL
+            });
+            assert_eq!(usize::from(s.local_rx_dup_acks), i + 1, "SACKed ACK {i} not counted");
+        }
     }
 
     #[test]
