@@ -238,6 +238,11 @@ async fn pysocks_udp_associate_echoes_over_ipv4_and_ipv6_and_releases_the_socket
         String::from_utf8_lossy(&out.stdout).trim(),
         r#"{"echoed": 300}"#
     );
+    // Each reply is counted right after it was sent: the script may be done before the count.
+    eventually("300 replies counted", || {
+        counters.snapshot().udp_datagrams_down >= 300
+    })
+    .await;
     let stats = counters.snapshot();
     assert_eq!(stats.udp_associations, 1);
     assert!(
@@ -523,6 +528,12 @@ async fn udp_forward_keeps_eight_concurrent_clients_apart() {
     for client in clients {
         guard("forward client", client).await.unwrap();
     }
+    // A reply is counted right after it was sent, so the client that got the last one may
+    // finish before the count.
+    eventually("1600 replies counted", || {
+        counters.snapshot().datagrams_down >= 1600
+    })
+    .await;
     let stats = counters.snapshot();
     assert_eq!((stats.flows, stats.flows_created), (8, 8), "{stats:?}");
     assert!(
