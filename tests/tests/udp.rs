@@ -239,8 +239,9 @@ async fn pysocks_udp_associate_echoes_over_ipv4_and_ipv6_and_releases_the_socket
         r#"{"echoed": 300}"#
     );
     // Each reply is counted right after it was sent: the script may be done before the count.
-    eventually("300 replies counted", || {
-        counters.snapshot().udp_datagrams_down >= 300
+    eventually("300 datagrams and replies counted", || {
+        let stats = counters.snapshot();
+        stats.udp_datagrams_up >= 300 && stats.udp_datagrams_down >= 300
     })
     .await;
     let stats = counters.snapshot();
@@ -530,8 +531,9 @@ async fn udp_forward_keeps_eight_concurrent_clients_apart() {
     }
     // A reply is counted right after it was sent, so the client that got the last one may
     // finish before the count.
-    eventually("1600 replies counted", || {
-        counters.snapshot().datagrams_down >= 1600
+    eventually("1600 datagrams and replies counted", || {
+        let stats = counters.snapshot();
+        stats.datagrams_up >= 1600 && stats.datagrams_down >= 1600
     })
     .await;
     let stats = counters.snapshot();
