@@ -466,9 +466,24 @@ async fn accept(listener: &ApiListener) -> std::io::Result<Stream> {
     }
 }
 
+/// The most a request head of the local API or the metrics endpoint may take.
 const MAX_HEAD: usize = 8 << 10;
+/// How long a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &StatusSource) {
+/// The request line of a request to one of the node's small local HTTP servers.
+pub(crate) struct RequestLine {
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// The target before `?`.
+    pub path: String,
+    /// The target after `?` (empty without one).
+    pub query: String,
+}
+
+/// Reads a request head and returns its request line; `None` when the head did not arrive
+/// whole (end of stream, error, more than 8 KiB, or after 5 s).
+pub(crate) async fn read_request_line<S: AsyncRead + Unpin>(stream: &mut S) -> Option<RequestLine> {
     let mut buf = vec![0u8; MAX_HEAD];
     let mut used = 0;
     let head_read = async {
@@ -483,17 +498,36 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &Statu
         }
         false
     };
-    let complete = tokio::time::timeout(Duration::from_secs(5), head_read)
+    if !tokio::time::timeout(HEAD_TIMEOUT, head_read)
         .await
-        .unwrap_or(false);
+        .unwrap_or(false)
+    {
+        return None;
+    }
     let line = std::str::from_utf8(&buf[..used])
         .ok()
         .and_then(|s| s.lines().next())
         .unwrap_or("");
     let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if complete && method == "GET" && route == "/v1/ping" {
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(RequestLine {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+    })
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &StatusSource) {
+    let request = read_request_line(&mut stream).await;
+    if let Some(RequestLine {
+        method,
+        path,
+        query,
+    }) = &request
+        && method == "GET"
+        && path == "/v1/ping"
+    {
         let names = source.control.as_ref().map(|c| &c.directory);
         let code = crate::ping::serve(&mut stream, query, &source.node, names).await;
         if code >= 400 {
@@ -501,12 +535,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &Statu
         }
         return;
     }
-    let (code, body, ctype) = if !complete {
-        (400, "bad request\n".to_string(), "text/plain")
-    } else if method != "GET" {
-        (405, "only GET\n".to_string(), "text/plain")
-    } else {
-        match path.split('?').next().unwrap_or("") {
+    let (code, body, ctype) = match request {
+        None => (400, "bad request\n".to_string(), "text/plain"),
+        Some(RequestLine { method, .. }) if method != "GET" => {
+            (405, "only GET\n".to_string(), "text/plain")
+        }
+        Some(RequestLine { path, .. }) => match path.as_str() {
             "/v1/status" => {
                 let status = source.status().await;
                 let json = serde_json::to_string_pretty(&status).unwrap_or_default();
@@ -518,7 +552,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &Statu
                 "not found: try /v1/status or /v1/ping?target=PEER\n".to_string(),
                 "text/plain",
             ),
-        }
+        },
     };
     if code >= 400 {
         source.errors.increment();

@@ -27,12 +27,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tailnode_control::controller::ConnectionState;
 use tailnode_wg::DropReason;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::api::StatusSource;
+use crate::api::{RequestLine, StatusSource, read_request_line};
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -65,11 +65,6 @@ pub const SESSION_LOSS_CAUSES: [&str; 7] = [
 const PEER_STATES: [&str; 3] = ["active", "lost", "expired"];
 /// Peer sources in `tailnode_peers`.
 const PEER_SOURCES: [&str; 2] = ["static", "coordinated"];
-
-/// Largest request head the server reads.
-const MAX_HEAD: usize = 8 << 10;
-/// Time a client has to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the metrics come from: the node, its control plane and its API, through the same
 /// [`StatusSource`] the API serves.
@@ -398,53 +393,30 @@ pub async fn serve(listener: TcpListener, source: MetricsSource, cancel: Cancell
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &MetricsSource) {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut used = 0;
-    let head = async {
-        while used < buf.len() {
-            match stream.read(&mut buf[used..]).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => used += n,
-            }
-            if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
-                return true;
-            }
-        }
-        false
-    };
-    let complete = tokio::time::timeout(HEAD_TIMEOUT, head)
-        .await
-        .unwrap_or(false);
-    let line = std::str::from_utf8(&buf[..used])
-        .ok()
-        .and_then(|s| s.lines().next())
-        .unwrap_or("");
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if !complete {
-        ("400 Bad Request", "text/plain", "bad request\n".to_string())
-    } else if method != "GET" && method != "HEAD" {
-        (
+    let request = read_request_line(&mut stream).await;
+    let head_only = request.as_ref().is_some_and(|r| r.method == "HEAD");
+    let (status, ctype, body) = match request {
+        None => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
+        Some(RequestLine { method, .. }) if method != "GET" && method != "HEAD" => (
             "405 Method Not Allowed",
             "text/plain",
             "only GET\n".to_string(),
-        )
-    } else if path == "/metrics" {
-        ("200 OK", CONTENT_TYPE, source.encode().await)
-    } else {
-        (
+        ),
+        Some(RequestLine { path, .. }) if path == "/metrics" => {
+            ("200 OK", CONTENT_TYPE, source.encode().await)
+        }
+        Some(_) => (
             "404 Not Found",
             "text/plain",
             "not found: try /metrics\n".to_string(),
-        )
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
-    if method != "HEAD" {
+    if !head_only {
         let _ = stream.write_all(body.as_bytes()).await;
     }
     let _ = stream.shutdown().await;
@@ -456,6 +428,7 @@ mod tests {
     use super::*;
     use crate::node::{Node, NodeConfig};
     use std::collections::HashMap;
+    use tokio::io::AsyncReadExt;
 
     /// `name{labels}` -> value, for every sample line.
     fn samples(text: &str) -> HashMap<String, f64> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tailnode_wg::{PrivateKey, PublicKey};
 
-use crate::process::{Proc, TempDir};
+use crate::process::{Proc, TempDir, WgPeer, wg_quick};
 
 /// Panics with a clear message unless the test can create namespaces.
 pub fn require_root() {
@@ -360,6 +360,44 @@ impl WireguardGo {
     /// The link between the root namespace and wireguard-go's.
     pub fn link(&self) -> &LinkedNetns {
         &self.link
+    }
+
+    /// The wg-quick file of the node this wireguard-go was started for: `key`, the slot's node
+    /// addresses, UDP `listen_port`, and this wireguard-go as its one peer.
+    pub fn node_config(
+        &self,
+        key: &PrivateKey,
+        listen_port: u16,
+        persistent_keepalive: Option<u16>,
+    ) -> String {
+        let slot = self.slot;
+        wg_quick(
+            key,
+            &[
+                &format!("{}/32", slot.node_v4()),
+                &format!("{}/128", slot.node_v6()),
+            ],
+            listen_port,
+            &[WgPeer {
+                public_key: self.public_key,
+                allowed_ips: vec![
+                    format!("{}/32", slot.peer_v4()),
+                    format!("{}/128", slot.peer_v6()),
+                ],
+                endpoint: Some(self.endpoint().to_string()),
+                persistent_keepalive,
+            }],
+        )
+    }
+
+    /// Starts `tailnode-testkit serve` on `port` (all addresses) inside the namespace.
+    pub fn serve_transfers(&self, dir: &TempDir, port: u16) -> Proc {
+        self.netns().spawn(
+            "ns-server",
+            &crate::testkit_bin(),
+            &["serve".into(), format!("[::]:{port}")],
+            &dir.path().join("ns-server.log"),
+        )
     }
 
     /// The UDP endpoint our node should use.

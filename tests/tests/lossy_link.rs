@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tailnode_tests::netns::{Slot, WireguardGo, require_root};
-use tailnode_tests::process::{Proc, TempDir, WgPeer, wg_quick};
+use tailnode_tests::process::{Proc, TempDir};
 use tailnode_tests::transfer::run_client;
-use tailnode_tests::{free_tcp_port, free_udp_port, retry, testkit_bin, wait_for_tcp};
+use tailnode_tests::{free_tcp_port, free_udp_port, retry, wait_for_tcp};
 use tailnode_wg::PrivateKey;
 use tokio_socks::tcp::Socks5Stream;
 
@@ -32,29 +32,8 @@ async fn transfers_survive_random_loss_both_ways() {
         key.public_key(),
         Some(SocketAddr::new(slot.host_underlay(), udp)),
     );
-    let _server_in_ns = wg.netns().spawn(
-        "ns-server",
-        &testkit_bin(),
-        &["serve".into(), format!("[::]:{SERVICE_IN_NS}")],
-        &dir.path().join("ns-server.log"),
-    );
-    let conf = wg_quick(
-        &key,
-        &[
-            &format!("{}/32", slot.node_v4()),
-            &format!("{}/128", slot.node_v6()),
-        ],
-        udp,
-        &[WgPeer {
-            public_key: wg.public_key,
-            allowed_ips: vec![
-                format!("{}/32", slot.peer_v4()),
-                format!("{}/128", slot.peer_v6()),
-            ],
-            endpoint: Some(wg.endpoint().to_string()),
-            persistent_keepalive: Some(25),
-        }],
-    );
+    let _server_in_ns = wg.serve_transfers(&dir, SERVICE_IN_NS);
+    let conf = wg.node_config(&key, udp, Some(25));
     let conf_path = dir.write("node.conf", &conf);
     let socks: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
     let _node = Proc::tailnode(

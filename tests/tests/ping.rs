@@ -11,7 +11,7 @@ use std::time::Duration;
 use tailnode::api::{ApiAddr, fetch_status};
 use tailnode_tests::control::{CoordinatorProc, NodeOptions, NodeProc, peer, peer_in_state};
 use tailnode_tests::netns::{Slot, WireguardGo, require_root};
-use tailnode_tests::process::{Proc, TempDir, WgPeer, wg_quick};
+use tailnode_tests::process::{Proc, TempDir};
 use tailnode_tests::{free_udp_port, tailnode_bin};
 use tailnode_wg::PrivateKey;
 
@@ -204,23 +204,7 @@ async fn ping_wireguard_go_in_a_namespace() {
         key.public_key(),
         Some(SocketAddr::new(slot.host_underlay(), udp)),
     );
-    let conf = wg_quick(
-        &key,
-        &[
-            &format!("{}/32", slot.node_v4()),
-            &format!("{}/128", slot.node_v6()),
-        ],
-        udp,
-        &[WgPeer {
-            public_key: wg.public_key,
-            allowed_ips: vec![
-                format!("{}/32", slot.peer_v4()),
-                format!("{}/128", slot.peer_v6()),
-            ],
-            endpoint: Some(wg.endpoint().to_string()),
-            persistent_keepalive: None,
-        }],
-    );
+    let conf = wg.node_config(&key, udp, None);
     let conf_path = dir.write("node.conf", &conf);
     let api = ApiAddr::Unix(dir.path().join("node.sock"));
     let _node = Proc::tailnode(
