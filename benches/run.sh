@@ -18,7 +18,7 @@ export ANCHORS ANC_WORK=${ANC_WORK:-/tmp/tailnode-bench}
 mkdir -p "$ANC_WORK"
 LOG="$ANC_WORK/bench.log"; : > "$LOG"
 
-for p in iperf3 wireguard-go wireguard-tools; do
+for p in iperf3 wireguard-go wireguard-tools iputils-ping iproute2 python3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="${missing:-} $p"
 done
 if [ -n "${missing:-}" ]; then apt-get update -qq && apt-get install -y -qq $missing >/dev/null; fi
