@@ -8,7 +8,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p tailnode --bin tailnode \
+RUN cargo build --release --locked -p tailnode-cli --bin tailnode \
  && strip target/release/tailnode
 
 # Run stage: glibc and CA certificates (for wss:// coordinators), nothing else.

@@ -22,7 +22,7 @@ for p in iperf3 wireguard-go wireguard-tools iputils-ping iproute2 python3; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="${missing:-} $p"
 done
 if [ -n "${missing:-}" ]; then apt-get update -qq && apt-get install -y -qq $missing >/dev/null; fi
-(cd "$ROOT" && cargo build --release -p tailnode --bin tailnode) || exit 1
+(cd "$ROOT" && cargo build --release -p tailnode-cli --bin tailnode) || exit 1
 export TAILNODE_BIN="$ROOT/target/release/tailnode"
 ONETUN=${ONETUN:-/tmp/anchors-cargo/bin/onetun}
 if [ "${SKIP_ONETUN:-0}" != 1 ] && [ ! -x "$ONETUN" ]; then

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! The bench first builds the `tailnode` binary it drives (`cargo build
-//! --release -p tailnode --bin tailnode`, into the same target directory)
+//! --release -p tailnode-cli --bin tailnode`, into the same target directory)
 //! unless `TAILNODE_BIN=/path/to/tailnode` is set. Everything runs on
 //! 127.0.0.1; every process started is killed on drop; every wait is bounded.
 //! The run itself takes about 5 minutes on a 2-core machine (plus the
@@ -355,14 +355,14 @@ fn tailnode_binary() -> anyhow::Result<PathBuf> {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    println!("# building tailnode (cargo build --release -p tailnode --bin tailnode)");
+    println!("# building tailnode (cargo build --release -p tailnode-cli --bin tailnode)");
     let status = std::process::Command::new(cargo)
         .args([
             "build",
             "--release",
             "--quiet",
             "-p",
-            "tailnode",
+            "tailnode-cli",
             "--bin",
             "tailnode",
         ])

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::api::ApiAddr;
-use crate::expose::ExposeSpec;
-use crate::up::{ListenAddr, UpArgs, run_up};
+use tailnode::api::ApiAddr;
+use tailnode::expose::ExposeSpec;
+use tailnode::{Config, ListenAddr, Tailnode};
 
 /// Name of the node that serves HTTP.
 pub const WEB: &str = "web";
@@ -58,19 +58,19 @@ pub async fn run_demo(socks5: SocketAddr, cancel: CancellationToken) -> anyhow::
         });
     }
 
-    let node =
-        |name: &str, socks5: ListenAddr, expose: Vec<ExposeSpec>| -> anyhow::Result<UpArgs> {
-            let mut args = UpArgs::empty();
-            args.coordinator = Some(url.parse().map_err(|e| anyhow::anyhow!("{e}"))?);
-            args.name = Some(name.to_string());
-            args.auth_key = Some(auth_key.clone());
-            args.key_file = Some(dir.0.join(format!("{name}.key")));
-            args.socks5 = socks5;
-            args.expose = expose;
-            args.api = Some(ApiAddr::Off);
-            Ok(args)
-        };
-    let web = node(
+    let config = |name: &str, socks5: ListenAddr, expose: Vec<ExposeSpec>| -> anyhow::Result<Config> {
+        Ok(Config {
+            coordinator: Some(url.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+            name: Some(name.to_string()),
+            auth_key: Some(auth_key.clone()),
+            key_file: Some(dir.0.join(format!("{name}.key"))),
+            socks5,
+            expose,
+            api: Some(ApiAddr::Off),
+            ..Config::default()
+        })
+    };
+    let web = config(
         WEB,
         ListenAddr::Off,
         vec![ExposeSpec {
@@ -79,16 +79,14 @@ pub async fn run_demo(socks5: SocketAddr, cancel: CancellationToken) -> anyhow::
             target_port: http_addr.port(),
         }],
     )?;
-    let laptop = node(LAPTOP, ListenAddr::On(socks5), Vec::new())?;
-    let nodes = TaskTracker::new();
-    for args in [web, laptop] {
-        let cancel = cancel.clone();
-        nodes.spawn(async move {
-            if let Err(e) = run_up(args, cancel.clone()).await {
-                tracing::error!("demo node failed: {e:#}");
-                cancel.cancel();
-            }
-        });
+    let laptop = config(LAPTOP, ListenAddr::On(socks5), Vec::new())?;
+    let mut nodes = Vec::new();
+    for config in [web, laptop] {
+        let name = config.name.clone().unwrap_or_default();
+        let node = Tailnode::start(config, cancel.clone())
+            .await
+            .with_context(|| format!("starting the demo node {name}"))?;
+        nodes.push(node);
     }
 
     // Wait until the page really comes through the tunnel, then tell the user.
@@ -116,8 +114,9 @@ pub async fn run_demo(socks5: SocketAddr, cancel: CancellationToken) -> anyhow::
         }
     }
     cancel.cancelled().await;
-    nodes.close();
-    nodes.wait().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     Ok(())

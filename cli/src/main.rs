@@ -4,11 +4,18 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+mod config_file;
+mod coordinator_cmd;
+mod demo;
+mod ping_cmd;
+mod status_cmd;
+mod up;
+
 use clap::{CommandFactory as _, Parser, Subcommand};
+use coordinator_cmd::{CoordinatorArgs, run_coordinator};
+use ping_cmd::{PingArgs, run_ping_command};
 use tailnode::api::{ApiAddr, default_api, fetch_status};
-use tailnode::coordinator_cmd::{CoordinatorArgs, run_coordinator};
-use tailnode::ping::{PingArgs, run_ping_command};
-use tailnode::up::{ConfigProblem, UpArgs, run_up};
+use up::{ConfigProblem, UpArgs, run_up};
 use tailnode_wg::PrivateKey;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -73,7 +80,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let argv = match tailnode::config_file::expand(std::env::args_os().collect(), &Cli::command()) {
+    let argv = match config_file::expand(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
         Err(e) => {
             eprintln!("tailnode: {e}");
@@ -94,7 +101,7 @@ fn main() -> ExitCode {
         Command::Status { json, api } => status(json, api),
         Command::Ping(args) => ping(&args),
         Command::Demo { socks5 } => run_async(cli.log_format, |cancel| {
-            tailnode::demo::run_demo(socks5, cancel)
+            demo::run_demo(socks5, cancel)
         }),
     }
 }
@@ -140,7 +147,7 @@ fn status(json: bool, api: Option<ApiAddr>) -> ExitCode {
                     serde_json::to_string_pretty(&status).unwrap_or_default()
                 );
             } else {
-                print!("{}", tailnode::api::render(&status));
+                print!("{}", status_cmd::render(&status));
             }
             ExitCode::SUCCESS
         }

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tailnode::api::{ApiAddr, PeerStatus, Status, fetch_status};
+use tailnode::api::{ApiAddr, fetch_status};
+use tailnode::status::{PeerStatus, Status};
 
 use crate::process::{Proc, TempDir};
 use crate::{free_tcp_port, free_udp_port, wait_for_tcp};

@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use tailnode::api::ApiAddr;
 use tailnode::node::{Node, NodeConfig, NodeHandle};
+use tailnode::{Config, StaticPeer, Tailnode};
 use tailnode_wg::{PeerConfig, PrivateKey};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +60,40 @@ pub async fn link(a: &NodeHandle, na: u8, b: &NodeHandle, nb: u8) {
     b.upsert_peer(peer_config(a, na, Some(loopback_endpoint(a))))
         .await
         .expect("upsert");
+}
+
+/// A whole node ([`Tailnode`]) numbered `n`, started from `config` with a fresh key, the
+/// addresses of `n` and no local API unless `config` names one, and linked over loopback to the
+/// data-plane node `peer` (number `np`) in both directions.
+pub async fn start_tailnode_linked(
+    n: u8,
+    mut config: Config,
+    peer: &NodeHandle,
+    np: u8,
+    cancel: &CancellationToken,
+) -> Tailnode {
+    let key = PrivateKey::generate();
+    config.private_key = Some(key);
+    config.addresses = addresses(n).to_vec();
+    let link = peer_config(peer, np, Some(loopback_endpoint(peer)));
+    config.peers = vec![StaticPeer {
+        public_key: link.public_key,
+        preshared_key: None,
+        allowed_ips: link.allowed_ips,
+        endpoint: link.endpoint,
+        persistent_keepalive: None,
+    }];
+    if config.api.is_none() {
+        config.api = Some(ApiAddr::Off);
+    }
+    let node = Tailnode::start(config, cancel.child_token())
+        .await
+        .expect("start tailnode");
+    let handle = node.handle();
+    peer.upsert_peer(peer_config(&handle, n, Some(loopback_endpoint(&handle))))
+        .await
+        .expect("upsert");
+    node
 }
 
 /// Serves the transfer protocol on `port` of the node's tailnet addresses.

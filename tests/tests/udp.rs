@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tailnode::dialer::{DEFAULT_CONNECT_TIMEOUT, DirectPolicy, TailnetDialer};
+use tailnode::dial::{DEFAULT_CONNECT_TIMEOUT, DirectPolicy, TailnetDialer, TargetAddr};
 use tailnode::node::{Node, NodeHandle};
 use tailnode::socks5::proto::{decode_udp_datagram, encode_udp_header};
-use tailnode::socks5::{Socks5Config, Socks5Counters, Socks5Server, TargetAddr};
+use tailnode::socks5::{Socks5Config, Socks5Counters, Socks5Server};
 use tailnode::udp_forward::{UdpForward, UdpForwardConfig, UdpForwardCounters};
-use tailnode::up::{ListenAddr, UpArgs, serve_everything};
-use tailnode_tests::inproc::{addresses, link, start_node};
+use tailnode::{Config, ListenAddr};
+use tailnode_tests::inproc::{addresses, link, start_node, start_tailnode_linked};
 use tailnode_tests::process::{Proc, TempDir, wg_quick};
 use tailnode_tests::{free_tcp_port, free_udp_port, wait_for_tcp};
 use tailnode_wg::PrivateKey;
@@ -62,6 +62,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 struct Net {
     cancel: CancellationToken,
     a: NodeHandle,
+    b: NodeHandle,
     _nodes: (Node, Node),
 }
 
@@ -82,6 +83,7 @@ async fn two_nodes() -> Net {
     Net {
         cancel,
         a,
+        b,
         _nodes: (na, nb),
     }
 }
@@ -260,17 +262,16 @@ async fn pysocks_udp_associate_echoes_over_ipv4_and_ipv6_and_releases_the_socket
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pysocks_with_credentials_through_tailnode_up_wiring() {
+async fn pysocks_with_credentials_through_a_whole_tailnode() {
     let net = two_nodes().await;
     let socks: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let mut args = UpArgs::empty();
-    args.socks5 = ListenAddr::On(socks);
-    args.socks5_user = Some("alice".into());
-    args.socks5_pass = Some("s3cret".into());
-    let tasks = TaskTracker::new();
-    serve_everything(&args, &net.a, None, &tasks, &net.cancel)
-        .await
-        .unwrap();
+    let config = Config {
+        socks5: ListenAddr::On(socks),
+        socks5_user: Some("alice".into()),
+        socks5_pass: Some("s3cret".into()),
+        ..Config::embedded()
+    };
+    let _node = start_tailnode_linked(3, config, &net.b, 2, &net.cancel).await;
     wait_for_tcp(socks, Duration::from_secs(5)).await;
     let targets = [echo_target(2, false)];
 
@@ -578,19 +579,18 @@ async fn udp_forward_flows_expire_when_idle_and_the_oldest_is_evicted_when_full(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udp_forward_through_tailnode_up_wiring() {
+async fn udp_forward_through_a_whole_tailnode() {
     let net = two_nodes().await;
     let port = free_udp_port();
-    let mut args = UpArgs::empty();
-    args.forward = vec![
-        format!("udp:127.0.0.1:{port}={}", echo_target(2, false))
-            .parse()
-            .unwrap(),
-    ];
-    let tasks = TaskTracker::new();
-    serve_everything(&args, &net.a, None, &tasks, &net.cancel)
-        .await
-        .unwrap();
+    let config = Config {
+        forward: vec![
+            format!("udp:127.0.0.1:{port}={}", echo_target(2, false))
+                .parse()
+                .unwrap(),
+        ],
+        ..Config::embedded()
+    };
+    let _node = start_tailnode_linked(3, config, &net.b, 2, &net.cancel).await;
     forward_client(SocketAddr::from(([127, 0, 0, 1], port)), 7, 20).await;
 }
 
@@ -612,14 +612,13 @@ async fn curl(socks: SocketAddr, user_pass: &str) -> Output {
 async fn curl_through_socks5_with_right_and_wrong_credentials() {
     let net = two_nodes().await;
     let socks: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let mut args = UpArgs::empty();
-    args.socks5 = ListenAddr::On(socks);
-    args.socks5_user = Some("alice".into());
-    args.socks5_pass = Some("s3cret".into());
-    let tasks = TaskTracker::new();
-    serve_everything(&args, &net.a, None, &tasks, &net.cancel)
-        .await
-        .unwrap();
+    let config = Config {
+        socks5: ListenAddr::On(socks),
+        socks5_user: Some("alice".into()),
+        socks5_pass: Some("s3cret".into()),
+        ..Config::embedded()
+    };
+    let _node = start_tailnode_linked(3, config, &net.b, 2, &net.cancel).await;
     wait_for_tcp(socks, Duration::from_secs(5)).await;
 
     let ok = curl(socks, "alice:s3cret").await;

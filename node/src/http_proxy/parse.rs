@@ -25,8 +25,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::socks5::TargetAddr;
-use crate::socks5::proto::MAX_DOMAIN_LEN;
+use crate::dial::{MAX_DOMAIN_LEN, TargetAddr};
 
 /// Default cap on the size of a message head (start line, fields and the empty line).
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;

@@ -32,7 +32,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::api::{RequestLine, StatusSource, read_request_line};
+use crate::api::{RequestLine, read_request_line};
+use crate::status::StatusSource;
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -54,11 +54,11 @@ impl Dialer for LocalDialer {
         };
         let stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
             io::ErrorKind::ConnectionRefused => DialError::ConnectionRefused,
-            _ => DialError::Other(e.to_string()),
+            _ => DialError::from_io(&e),
         })?;
         let local = stream
             .local_addr()
-            .map_err(|e| DialError::Other(e.to_string()))?;
+            .map_err(|e| DialError::from_io(&e))?;
         Ok((stream, local))
     }
 }
@@ -242,7 +242,7 @@ async fn success_reply_carries_the_dialed_bound_address_and_early_data_is_forwar
 #[tokio::test]
 async fn every_dial_error_gets_its_rfc1928_reply_code() {
     let cases = [
-        (DialError::Other("boom".into()), 0x01),
+        (DialError::NodeStopped, 0x01),
         (DialError::NotAllowed, 0x02),
         (DialError::NetworkUnreachable, 0x03),
         (DialError::HostUnreachable, 0x04),
@@ -690,7 +690,7 @@ async fn relay_outcome_counts_bytes_both_ways() {
             let stream = self.0.lock().unwrap().take();
             stream
                 .map(|s| (s, "100.64.0.1:40000".parse().unwrap()))
-                .ok_or(DialError::Other("used".into()))
+                .ok_or(DialError::HostUnreachable)
         }
     }
 
@@ -759,7 +759,7 @@ impl UdpDialer for LocalUdp {
     async fn open_udp(&self) -> Result<LocalEgress, DialError> {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
-            .map_err(|e| DialError::Other(e.to_string()))?;
+            .map_err(|e| DialError::from_io(&e))?;
         self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(LocalEgress {
             socket,
@@ -784,7 +784,7 @@ impl UdpEgress for LocalEgress {
         self.socket
             .send_to(payload, addr)
             .await
-            .map_err(|e| DialError::Other(e.to_string()))?;
+            .map_err(|e| DialError::from_io(&e))?;
         Ok(addr)
     }
 

@@ -1,5 +1,5 @@
 //! HTTP forward proxy: `CONNECT` tunnels and absolute-URI requests (RFC 9110, RFC 9112), dialing
-//! through the same pluggable [`Dialer`](crate::socks5::Dialer) as the SOCKS5 proxy, so the
+//! through the same pluggable [`Dialer`](crate::dial::Dialer) as the SOCKS5 proxy, so the
 //! node's tailnet dialer serves both. Clients use it as `HTTP_PROXY` / `HTTPS_PROXY`.
 //!
 //! # Layout
@@ -50,7 +50,7 @@
 //!   started head does not complete in time; 501 for a request transfer coding other than
 //!   `chunked`; 502 when the dial fails (refused, unreachable, not allowed by policy: the body
 //!   says which) or the upstream closes, fails or answers garbage before a response head; 504
-//!   when the dial times out ([`DialError::TimedOut`](crate::socks5::DialError::TimedOut) or the
+//!   when the dial times out ([`DialError::TimedOut`](crate::dial::DialError::TimedOut) or the
 //!   connect timeout) or no response head comes within the response timeout; 505 for HTTP
 //!   versions other than 1.0 and 1.1. No method is refused: any token method is forwarded.
 //! - Limits: head deadline, keep-alive idle timeout, connect timeout, response timeout (from the

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::server::{Outcome, serve_connection};
 use super::*;
-use crate::socks5::{Credentials, DialError, Dialer, TargetAddr};
+use crate::dial::{DialError, Dialer, TargetAddr};
+use crate::socks5::Credentials;
 
 /// Bounds how long a test waits for something that must happen promptly; a hang is a failure.
 async fn guard<T>(fut: impl Future<Output = T>) -> T {
@@ -64,11 +65,11 @@ impl Dialer for LocalDialer {
         };
         let stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
             io::ErrorKind::ConnectionRefused => DialError::ConnectionRefused,
-            _ => DialError::Other(e.to_string()),
+            _ => DialError::from_io(&e),
         })?;
         let local = stream
             .local_addr()
-            .map_err(|e| DialError::Other(e.to_string()))?;
+            .map_err(|e| DialError::from_io(&e))?;
         Ok((stream, local))
     }
 }
@@ -108,7 +109,7 @@ impl Dialer for DuplexDialer {
         let stream = self.0.lock().unwrap().pop();
         stream
             .map(|s| (s, "100.64.0.1:40000".parse().unwrap()))
-            .ok_or(DialError::Other("no stream left".into()))
+            .ok_or(DialError::HostUnreachable)
     }
 }
 

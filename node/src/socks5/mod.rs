@@ -58,6 +58,7 @@
 //!   datagram, TRACE per relayed datagram.
 
 pub mod association;
+mod config;
 pub mod handshake;
 pub mod proto;
 mod server;
@@ -68,5 +69,8 @@ mod tests;
 
 pub use handshake::{Credentials, CredentialsError, Handshake, HandshakeError, Step};
 pub use proto::{Command, ProtocolError, ReplyCode, TargetAddr};
-pub use server::{DialError, Dialer, Socks5Config, Socks5Server};
-pub use udp::{NoUdp, Socks5Counters, Socks5Stats, UdpDialer, UdpEgress};
+pub use config::Socks5Config;
+pub use server::Socks5Server;
+pub use udp::{Socks5Counters, Socks5Stats};
+
+pub use crate::dial::{DialError, Dialer, NoUdp, UdpDialer, UdpEgress};

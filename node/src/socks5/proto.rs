@@ -21,14 +21,15 @@
 //! name is not usable.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+pub use crate::dial::TargetAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// SOCKS protocol version carried by greetings, requests and replies (RFC 1928 §3).
 pub const SOCKS_VERSION: u8 = 0x05;
 /// Version of the username/password subnegotiation (RFC 1929 §2).
 pub const USER_PASS_VERSION: u8 = 0x01;
 /// Longest domain name accepted in a request (the longest DNS name in text form, RFC 1035 §2.3.4).
-pub const MAX_DOMAIN_LEN: usize = 253;
+pub use crate::dial::MAX_DOMAIN_LEN;
 
 /// RFC 1929 status byte for a successful authentication.
 pub const USER_PASS_SUCCESS: u8 = 0x00;
@@ -117,34 +118,8 @@ impl ReplyCode {
     }
 }
 
-/// Where a client wants to go: DST.ADDR and DST.PORT of a request, or the address in a UDP
-/// datagram header.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TargetAddr {
-    /// An IPv4 (ATYP 0x01) or IPv6 (ATYP 0x04) address and port.
-    Ip(SocketAddr),
-    /// A domain name (ATYP 0x03) and port, still to be resolved by the dialer. The name is
-    /// 1..=[`MAX_DOMAIN_LEN`] bytes of UTF-8 without control characters.
-    Domain(String, u16),
-}
-
+/// The wire form of a [`TargetAddr`] (ATYP, DST.ADDR, DST.PORT).
 impl TargetAddr {
-    /// The destination port.
-    pub fn port(&self) -> u16 {
-        match self {
-            Self::Ip(addr) => addr.port(),
-            Self::Domain(_, port) => *port,
-        }
-    }
-
-    /// The IP address, if the target is not a domain name.
-    pub fn ip(&self) -> Option<IpAddr> {
-        match self {
-            Self::Ip(addr) => Some(addr.ip()),
-            Self::Domain(..) => None,
-        }
-    }
-
     /// Number of bytes `ATYP DST.ADDR DST.PORT` takes on the wire.
     pub fn encoded_len(&self) -> usize {
         match self {
@@ -179,21 +154,6 @@ impl TargetAddr {
                 out.extend_from_slice(&port.to_be_bytes());
             }
         }
-    }
-}
-
-impl fmt::Display for TargetAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Ip(addr) => addr.fmt(f),
-            Self::Domain(name, port) => write!(f, "{name}:{port}"),
-        }
-    }
-}
-
-impl From<SocketAddr> for TargetAddr {
-    fn from(addr: SocketAddr) -> Self {
-        Self::Ip(addr)
     }
 }
 

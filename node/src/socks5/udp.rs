@@ -13,7 +13,6 @@
 //! datagrams are received into a buffer and their payload is sent from it; replies are received
 //! [`MAX_UDP_IP_HEADER`] bytes into a buffer and the §7 header is written in front of them.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,64 +23,12 @@ use tokio::time::Instant;
 use tracing::{debug, info, trace};
 
 use super::association::{Association, AssociationCounts, ClientDatagram, DropReason};
-use super::proto::{MAX_DOMAIN_LEN, MAX_UDP_IP_HEADER, TargetAddr, write_udp_ip_header};
-use super::server::{DialError, Socks5Config};
+use super::proto::{MAX_DOMAIN_LEN, MAX_UDP_IP_HEADER, write_udp_ip_header};
+use super::config::Socks5Config;
+use crate::dial::UdpEgress;
 
 /// Longest §7 header: RSV(2) FRAG ATYP, a length byte and the longest accepted name, PORT.
 const MAX_UDP_HEADER: usize = 3 + 1 + 1 + MAX_DOMAIN_LEN + 2;
-
-/// Opens the outbound side of UDP associations; the node implements it (tailnet through the
-/// netstack, or direct from the host).
-pub trait UdpDialer: Send + Sync + 'static {
-    /// What one association sends through and receives replies from.
-    type Egress: UdpEgress;
-
-    /// Opens the egress of a new association, before the client is answered; an error is the
-    /// reply code of the UDP ASSOCIATE request.
-    fn open_udp(&self) -> impl Future<Output = Result<Self::Egress, DialError>> + Send;
-}
-
-/// The outbound sockets of one association. Dropping it releases them.
-pub trait UdpEgress: Send + 'static {
-    /// Resolves `target` and sends `payload` to it; returns the address it was sent to (replies
-    /// from there are accepted). An error drops the datagram.
-    fn send_to(
-        &mut self,
-        target: &TargetAddr,
-        payload: &[u8],
-    ) -> impl Future<Output = Result<SocketAddr, DialError>> + Send;
-
-    /// Receives the next reply, from any destination, into `buf`: its length and its source. A
-    /// datagram longer than `buf` is truncated. Must be cancel-safe (the driver drops it when
-    /// something else is ready).
-    fn recv_from(
-        &mut self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
-}
-
-/// The UDP capability of a server that does not support UDP ASSOCIATE (answered 0x07). It has no
-/// values.
-#[derive(Debug, Clone, Copy)]
-pub enum NoUdp {}
-
-impl UdpDialer for NoUdp {
-    type Egress = NoUdp;
-
-    async fn open_udp(&self) -> Result<NoUdp, DialError> {
-        match *self {}
-    }
-}
-
-impl UdpEgress for NoUdp {
-    async fn send_to(&mut self, _: &TargetAddr, _: &[u8]) -> Result<SocketAddr, DialError> {
-        match *self {}
-    }
-
-    async fn recv_from(&mut self, _: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match *self {}
-    }
-}
 
 /// Live counters of a [`Socks5Server`](super::Socks5Server), shared with its connections.
 #[derive(Debug, Default)]

@@ -30,7 +30,8 @@ use super::parse::{
 use crate::accept::{AcceptLimits, accept_clients};
 use crate::node::ConnectionCounters;
 use crate::relay::{RELAY_BUFFER, relay};
-use crate::socks5::{Credentials, DialError, Dialer, TargetAddr};
+use crate::dial::{DialError, Dialer, TargetAddr};
+use crate::socks5::Credentials;
 
 /// Settings of an [`HttpProxyServer`].
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@
 //! turns the task into the driver of that association (see [`super::udp`]). Whatever a client
 //! does, it only ever ends its own task.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,113 +23,10 @@ use tracing::{Instrument, info, info_span, warn};
 use super::association::{Association, AssociationCounts};
 use super::handshake::{Credentials, Handshake, HandshakeError, Step};
 use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
-use super::udp::{NoUdp, Socks5Counters, UdpDialer, UdpEnd, log_end, run_association};
+use super::config::Socks5Config;
+use super::udp::{Socks5Counters, UdpEnd, log_end, run_association};
 use crate::accept::{AcceptLimits, accept_clients};
-use crate::node::ConnectionCounters;
-
-/// Why a dial failed, mapped to RFC 1928 reply codes by [`DialError::reply_code`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DialError {
-    /// The policy forbids this destination (e.g. direct egress disabled). Reply 0x02.
-    #[error("connection not allowed by policy")]
-    NotAllowed,
-    /// No route: outside every peer's allowed IPs and no direct egress. Reply 0x03.
-    #[error("network unreachable")]
-    NetworkUnreachable,
-    /// The host cannot be reached (peer without endpoint, name does not resolve). Reply 0x04.
-    #[error("host unreachable")]
-    HostUnreachable,
-    /// The target refused the connection (RST). Reply 0x05.
-    #[error("connection refused")]
-    ConnectionRefused,
-    /// The connection attempt timed out. Reply 0x06 ("TTL expired").
-    #[error("connection timed out")]
-    TimedOut,
-    /// The dialer cannot handle this kind of address. Reply 0x08.
-    #[error("address type not supported")]
-    AddressTypeNotSupported,
-    /// Anything else. Reply 0x01.
-    #[error("{0}")]
-    Other(String),
-}
-
-impl DialError {
-    /// The RFC 1928 §6 reply code for this failure.
-    pub fn reply_code(&self) -> ReplyCode {
-        match self {
-            Self::NotAllowed => ReplyCode::NotAllowed,
-            Self::NetworkUnreachable => ReplyCode::NetworkUnreachable,
-            Self::HostUnreachable => ReplyCode::HostUnreachable,
-            Self::ConnectionRefused => ReplyCode::ConnectionRefused,
-            Self::TimedOut => ReplyCode::TtlExpired,
-            Self::AddressTypeNotSupported => ReplyCode::AddressTypeNotSupported,
-            Self::Other(_) => ReplyCode::GeneralFailure,
-        }
-    }
-}
-
-/// Something that opens streams for the proxy: the node implements it (tailnet through the
-/// netstack, or direct from the host).
-pub trait Dialer: Send + Sync + 'static {
-    /// The stream a successful dial yields.
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-
-    /// Opens a TCP stream to `target`, returning it and the local address it is bound to (sent
-    /// to the client as BND.ADDR/BND.PORT).
-    ///
-    /// The server bounds the call with [`Socks5Config::connect_timeout`] and drops the future
-    /// when the client's connection is cancelled, so implementations need not time out
-    /// themselves (they may, returning [`DialError::TimedOut`]).
-    fn connect(
-        &self,
-        target: &TargetAddr,
-    ) -> impl Future<Output = Result<(Self::Stream, SocketAddr), DialError>> + Send;
-}
-
-/// Settings of a [`Socks5Server`].
-#[derive(Debug, Clone)]
-pub struct Socks5Config {
-    /// Credentials clients must present (RFC 1929); `None` accepts clients without
-    /// authentication.
-    pub auth: Option<Credentials>,
-    /// Time a client has, from accept, to complete the handshake up to its request. A client that
-    /// sends nothing, or too little, is dropped when it expires.
-    pub handshake_timeout: Duration,
-    /// Time allowed for a dial before the client is answered 0x06 (TTL expired).
-    pub connect_timeout: Duration,
-    /// Maximum number of clients served at once (handshaking or relaying). Connections above it
-    /// are accepted and closed at once, without a reply. 0 refuses everybody.
-    pub max_connections: usize,
-    /// Size of each of the two relay buffers of a connection.
-    pub relay_buffer_size: usize,
-    /// A UDP association with no datagram passing either way for this long is closed (with its
-    /// control connection).
-    pub udp_idle_timeout: Duration,
-    /// Maximum number of UDP associations at once; further UDP ASSOCIATE requests are answered
-    /// 0x01 (general failure). 0 refuses every association.
-    pub max_udp_associations: usize,
-    /// Largest UDP payload relayed either way; larger datagrams are dropped and counted. Each
-    /// association holds two buffers of about this size.
-    pub udp_max_datagram: usize,
-    /// Counts served clients (open and total), for metrics.
-    pub connections: Option<Arc<ConnectionCounters>>,
-}
-
-impl Default for Socks5Config {
-    fn default() -> Self {
-        Self {
-            auth: None,
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(30),
-            max_connections: 1024,
-            relay_buffer_size: 64 * 1024,
-            udp_idle_timeout: Duration::from_secs(60),
-            max_udp_associations: 256,
-            udp_max_datagram: 65_535,
-            connections: None,
-        }
-    }
-}
+use crate::dial::{DialError, Dialer, NoUdp, UdpDialer};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT and, with a [`UdpDialer`], UDP ASSOCIATE; RFC 1929
 /// authentication) dialing through `D`.
