@@ -58,18 +58,19 @@ pub async fn run_demo(socks5: SocketAddr, cancel: CancellationToken) -> anyhow::
         });
     }
 
-    let config = |name: &str, socks5: ListenAddr, expose: Vec<ExposeSpec>| -> anyhow::Result<Config> {
-        Ok(Config {
-            coordinator: Some(url.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
-            name: Some(name.to_string()),
-            auth_key: Some(auth_key.clone()),
-            key_file: Some(dir.0.join(format!("{name}.key"))),
-            socks5,
-            expose,
-            api: Some(ApiAddr::Off),
-            ..Config::default()
-        })
-    };
+    let config =
+        |name: &str, socks5: ListenAddr, expose: Vec<ExposeSpec>| -> anyhow::Result<Config> {
+            Ok(Config {
+                coordinator: Some(url.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+                name: Some(name.to_string()),
+                auth_key: Some(auth_key.clone()),
+                key_file: Some(dir.0.join(format!("{name}.key"))),
+                socks5,
+                expose,
+                api: Some(ApiAddr::Off),
+                ..Config::default()
+            })
+        };
     let web = config(
         WEB,
         ListenAddr::Off,

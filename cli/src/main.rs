@@ -15,10 +15,10 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use coordinator_cmd::{CoordinatorArgs, run_coordinator};
 use ping_cmd::{PingArgs, run_ping_command};
 use tailnode::api::{ApiAddr, default_api, fetch_status};
-use up::{ConfigProblem, UpArgs, run_up};
 use tailnode_wg::PrivateKey;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use up::{ConfigProblem, UpArgs, run_up};
 
 /// A userspace tailnet node: WireGuard without TUN or privileges, reached
 /// through SOCKS5 and port forwards.
@@ -100,9 +100,9 @@ fn main() -> ExitCode {
         }
         Command::Status { json, api } => status(json, api),
         Command::Ping(args) => ping(&args),
-        Command::Demo { socks5 } => run_async(cli.log_format, |cancel| {
-            demo::run_demo(socks5, cancel)
-        }),
+        Command::Demo { socks5 } => {
+            run_async(cli.log_format, |cancel| demo::run_demo(socks5, cancel))
+        }
     }
 }
 

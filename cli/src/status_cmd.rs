@@ -66,7 +66,6 @@ pub fn render(status: &Status) -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +92,13 @@ mod tests {
         }))
         .expect("a status document");
         let shown = render(&status);
-        assert!(shown.starts_with("laptop  100.64.0.1  udp 41641  key k"), "{shown}");
-        assert!(shown.contains("control: none (static peers only)"), "{shown}");
+        assert!(
+            shown.starts_with("laptop  100.64.0.1  udp 41641  key k"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("control: none (static peers only)"),
+            "{shown}"
+        );
     }
 }

@@ -296,17 +296,28 @@ mod tests {
     #[test]
     fn every_flag_lands_in_its_setting() {
         let c = config(&[
-            "--coordinator", "ws://127.0.0.1:1",
-            "--auth-key", "k",
-            "--name", "db",
-            "--dial-timeout", "3s",
-            "--lost-peer-timeout", "2m",
-            "--socks5", "off",
-            "--http-proxy", "127.0.0.1:3128",
-            "--forward", "tcp:8080=100.64.0.2:80",
-            "--expose", "22",
-            "--endpoint", "198.18.0.1:41641",
-            "--metrics", "127.0.0.1:9100",
+            "--coordinator",
+            "ws://127.0.0.1:1",
+            "--auth-key",
+            "k",
+            "--name",
+            "db",
+            "--dial-timeout",
+            "3s",
+            "--lost-peer-timeout",
+            "2m",
+            "--socks5",
+            "off",
+            "--http-proxy",
+            "127.0.0.1:3128",
+            "--forward",
+            "tcp:8080=100.64.0.2:80",
+            "--expose",
+            "22",
+            "--endpoint",
+            "198.18.0.1:41641",
+            "--metrics",
+            "127.0.0.1:9100",
         ]);
         assert_eq!(c.name.as_deref(), Some("db"));
         assert_eq!(c.dial_timeout, Duration::from_secs(3));
@@ -321,7 +332,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_flags() {
-        let c = config(&["--coordinator", "ws://127.0.0.1:1", "--connect-timeout", "0s"]);
+        let c = config(&[
+            "--coordinator",
+            "ws://127.0.0.1:1",
+            "--connect-timeout",
+            "0s",
+        ]);
         let message = config_message(&c.validate().expect_err("zero"));
         assert_eq!(message, "--connect-timeout must be greater than 0");
         let c = config(&["--coordinator", "ws://127.0.0.1:1"]);

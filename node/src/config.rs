@@ -527,9 +527,7 @@ mod preshared_key_serde {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<PresharedKey>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PresharedKey>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|text| text.trim().parse().map_err(D::Error::custom))
             .transpose()
@@ -675,7 +673,10 @@ mod tests {
         assert_eq!(config.socks5, ListenAddr::Off);
         assert_eq!(config.forward.len(), 2);
         assert_eq!(config.expose[1].target_port, 9000);
-        assert_eq!(config.api, Some(ApiAddr::Tcp("127.0.0.1:4040".parse().unwrap())));
+        assert_eq!(
+            config.api,
+            Some(ApiAddr::Tcp("127.0.0.1:4040".parse().unwrap()))
+        );
         assert_eq!(config.peers[0].public_key, peer);
         assert_eq!(
             config.peers[0].endpoint,
@@ -685,7 +686,10 @@ mod tests {
             })
         );
         let shown = format!("{config:?}");
-        assert!(!shown.contains("s3cret") && !shown.contains("\"pw\""), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("\"pw\""),
+            "{shown}"
+        );
         let json = serde_json::to_string(&config).unwrap();
         let back: Config = serde_json::from_str(&json).unwrap();
         assert_eq!(back, config);

@@ -29,11 +29,11 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::node::{NodeHandle, Route};
 use serde::{Deserialize, Serialize};
 use tailnode_control::controller::PeerDirectory;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{debug, trace};
-use crate::node::{NodeHandle, Route};
 
 /// Probes sent by default.
 pub const DEFAULT_COUNT: u32 = 4;

@@ -20,7 +20,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiAddr, ApiBindError, default_api};
-use crate::status::{ControlHandles, Status, StatusSource};
 use crate::config::{Config, ConfigError, ListenAddr, StaticPeer};
 use crate::coordinated::{NodeDataPlane, node_key};
 use crate::dial::{DirectPolicy, TailnetDialer};
@@ -31,6 +30,7 @@ use crate::identity::{KeyFileError, default_key_file, load_or_create_key};
 use crate::metrics::MetricsSource;
 use crate::node::{DEFAULT_MTU, Node, NodeConfig, NodeError, NodeHandle};
 use crate::socks5::{Socks5Config, Socks5Server};
+use crate::status::{ControlHandles, Status, StatusSource};
 use crate::udp_forward::{UdpForward, UdpForwardConfig};
 
 /// How long shutdown waits for the goodbye, then for connections to drain.
@@ -408,13 +408,12 @@ async fn start(config: Config, cancel: CancellationToken) -> Result<Tailnode, St
 }
 
 /// The node's key: the wg-quick file's, else the configured one, else the key file's.
-fn node_private_key(
-    config: &Config,
-    wg: Option<&WgQuickConfig>,
-) -> Result<PrivateKey, StartError> {
+fn node_private_key(config: &Config, wg: Option<&WgQuickConfig>) -> Result<PrivateKey, StartError> {
     if let Some(wg) = wg {
         if config.key_file.is_some() || config.private_key.is_some() {
-            warn!("key_file and private_key are ignored: the wg-quick file's PrivateKey is the node's key");
+            warn!(
+                "key_file and private_key are ignored: the wg-quick file's PrivateKey is the node's key"
+            );
         }
         return Ok(wg.interface.private_key.clone());
     }
@@ -517,13 +516,14 @@ async fn serve_proxies(
         }
     }
     for spec in &config.expose {
-        let listener = handle
-            .netstack()
-            .listen(spec.port)
-            .map_err(|source| StartError::Expose {
-                port: spec.port,
-                source,
-            })?;
+        let listener =
+            handle
+                .netstack()
+                .listen(spec.port)
+                .map_err(|source| StartError::Expose {
+                    port: spec.port,
+                    source,
+                })?;
         info!(%spec, "exposed to the tailnet");
         tasks.spawn(serve_exposure(
             listener,

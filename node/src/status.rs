@@ -330,4 +330,3 @@ pub struct PeerStatus {
     /// `static` (wg-quick file) or `coordinated`.
     pub source: String,
 }
-

@@ -178,7 +178,7 @@ impl NodeProc {
 
     /// The node's status document.
     pub async fn status(&self) -> anyhow::Result<Status> {
-        fetch_status(&self.api).await
+        Ok(fetch_status(&self.api).await?)
     }
 
     /// Polls the status until `pred` holds (every 100 ms, at most `timeout`);

@@ -80,7 +80,7 @@ pub async fn start_tailnode_linked(
         public_key: link.public_key,
         preshared_key: None,
         allowed_ips: link.allowed_ips,
-        endpoint: link.endpoint,
+        endpoint: link.endpoint.map(tailnode_wg::Endpoint::Addr),
         persistent_keepalive: None,
     }];
     if config.api.is_none() {

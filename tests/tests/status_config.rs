@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use tailnode::api::{ApiAddr, Status};
+use tailnode::api::ApiAddr;
+use tailnode::status::Status;
 use tailnode_tests::control::{CoordinatorProc, LOST_PEER_TIMEOUT, NodeOptions, NodeProc, peer};
 use tailnode_tests::process::{Proc, TempDir};
 use tailnode_tests::transfer::{run_client, start_server};

@@ -32,7 +32,6 @@ use tailnode_wg::PrivateKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const ECHO_PORT: u16 = 5353;
 const HTTP_PORT: u16 = 80;

@@ -15,7 +15,9 @@ pub enum FetchError {
     #[error("no API address")]
     Off,
     /// The API could not be reached.
-    #[error("cannot reach the node's API at {addr} (is `tailnode up` running with --api {addr}?): {source}")]
+    #[error(
+        "cannot reach the node's API at {addr} (is `tailnode up` running with --api {addr}?): {source}"
+    )]
     Unreachable {
         /// Where it was asked.
         addr: ApiAddr,
@@ -69,7 +71,9 @@ pub async fn fetch_status(addr: &ApiAddr) -> Result<Status, FetchError> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| FetchError::BadAnswer("malformed HTTP".into()))?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(FetchError::BadAnswer(head.lines().next().unwrap_or("").to_string()));
+        return Err(FetchError::BadAnswer(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
     }
     serde_json::from_str(body)
         .map_err(|e| FetchError::BadAnswer(format!("the status document does not parse: {e}")))
@@ -119,9 +123,9 @@ impl PingEvents {
         self.line.clear();
         match self.reader.read_line(&mut self.line).await {
             Ok(0) => None,
-            Ok(_) => Some(
-                serde_json::from_str(self.line.trim_end()).map_err(PingStreamError::BadLine),
-            ),
+            Ok(_) => {
+                Some(serde_json::from_str(self.line.trim_end()).map_err(PingStreamError::BadLine))
+            }
             Err(e) => Some(Err(e.into())),
         }
     }
@@ -184,7 +188,8 @@ pub async fn ping(addr: &ApiAddr, params: &PingParams) -> Result<PingEvents, Pin
         .map_err(|e| FetchError::BadAnswer(format!("reading the API's answer: {e}")))?;
     if !status_line.starts_with("HTTP/1.1 200") {
         let mut body = String::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), reader.read_to_string(&mut body)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), reader.read_to_string(&mut body)).await;
         let reason = if body.trim().is_empty() {
             status_line.trim().to_string()
         } else {

@@ -301,4 +301,3 @@ mod tests {
         assert!("nonsense".parse::<ApiAddr>().is_err());
     }
 }
-

@@ -221,7 +221,14 @@ mod tests {
             "web:8080".parse::<TargetAddr>().unwrap(),
             TargetAddr::Domain("web".into(), 8080)
         );
-        for bad in ["web", ":80", "web:http", "web:70000", "fd7a::2:80", "a\nb:1"] {
+        for bad in [
+            "web",
+            ":80",
+            "web:http",
+            "web:70000",
+            "fd7a::2:80",
+            "a\nb:1",
+        ] {
             assert!(bad.parse::<TargetAddr>().is_err(), "{bad:?}");
         }
         let name = "x".repeat(MAX_DOMAIN_LEN + 1);
@@ -231,7 +238,10 @@ mod tests {
     #[test]
     fn os_and_netstack_errors_map_to_their_failures() {
         let io = |kind| DialError::from_io(&io::Error::from(kind));
-        assert_eq!(io(io::ErrorKind::ConnectionRefused), DialError::ConnectionRefused);
+        assert_eq!(
+            io(io::ErrorKind::ConnectionRefused),
+            DialError::ConnectionRefused
+        );
         assert_eq!(io(io::ErrorKind::TimedOut), DialError::TimedOut);
         assert_eq!(
             io(io::ErrorKind::PermissionDenied),

@@ -28,9 +28,9 @@ use super::parse::{
     response_body,
 };
 use crate::accept::{AcceptLimits, accept_clients};
+use crate::dial::{DialError, Dialer, TargetAddr};
 use crate::node::ConnectionCounters;
 use crate::relay::{RELAY_BUFFER, relay};
-use crate::dial::{DialError, Dialer, TargetAddr};
 use crate::socks5::Credentials;
 
 /// Settings of an [`HttpProxyServer`].

@@ -19,10 +19,9 @@ impl DialError {
             Self::ConnectionRefused => ReplyCode::ConnectionRefused,
             Self::TimedOut => ReplyCode::TtlExpired,
             Self::AddressTypeNotSupported => ReplyCode::AddressTypeNotSupported,
-            Self::NodeStopped
-            | Self::NoSocket(_)
-            | Self::InvalidDestination(_)
-            | Self::Io(_) => ReplyCode::GeneralFailure,
+            Self::NodeStopped | Self::NoSocket(_) | Self::InvalidDestination(_) | Self::Io(_) => {
+                ReplyCode::GeneralFailure
+            }
         }
     }
 }
@@ -71,4 +70,3 @@ impl Default for Socks5Config {
         }
     }
 }
-

@@ -67,9 +67,9 @@ pub mod udp;
 #[cfg(test)]
 mod tests;
 
+pub use config::Socks5Config;
 pub use handshake::{Credentials, CredentialsError, Handshake, HandshakeError, Step};
 pub use proto::{Command, ProtocolError, ReplyCode, TargetAddr};
-pub use config::Socks5Config;
 pub use server::Socks5Server;
 pub use udp::{Socks5Counters, Socks5Stats};
 

@@ -20,8 +20,8 @@
 //! the server answers with reply code 0x01 (general failure): the address *type* is supported, the
 //! name is not usable.
 
-use std::fmt;
 pub use crate::dial::TargetAddr;
+use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// SOCKS protocol version carried by greetings, requests and replies (RFC 1928 §3).

@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::association::{Association, AssociationCounts};
+use super::config::Socks5Config;
 use super::handshake::{Credentials, Handshake, HandshakeError, Step};
 use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
-use super::config::Socks5Config;
 use super::udp::{Socks5Counters, UdpEnd, log_end, run_association};
 use crate::accept::{AcceptLimits, accept_clients};
 use crate::dial::{DialError, Dialer, NoUdp, UdpDialer};

@@ -56,9 +56,7 @@ impl Dialer for LocalDialer {
             io::ErrorKind::ConnectionRefused => DialError::ConnectionRefused,
             _ => DialError::from_io(&e),
         })?;
-        let local = stream
-            .local_addr()
-            .map_err(|e| DialError::from_io(&e))?;
+        let local = stream.local_addr().map_err(|e| DialError::from_io(&e))?;
         Ok((stream, local))
     }
 }

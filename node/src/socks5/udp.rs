@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, trace};
 
 use super::association::{Association, AssociationCounts, ClientDatagram, DropReason};
-use super::proto::{MAX_DOMAIN_LEN, MAX_UDP_IP_HEADER, write_udp_ip_header};
 use super::config::Socks5Config;
+use super::proto::{MAX_DOMAIN_LEN, MAX_UDP_IP_HEADER, write_udp_ip_header};
 use crate::dial::UdpEgress;
 
 /// Longest §7 header: RSV(2) FRAG ATYP, a length byte and the longest accepted name, PORT.
