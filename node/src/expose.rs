@@ -5,15 +5,16 @@
 //! Written `--expose PORT` (to 127.0.0.1:PORT) or `--expose PORT=HOST:PORT`.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tailnode_netstack::TcpListener as TailnetListener;
+use tailnode_netstack::{TcpListener as TailnetListener, TcpStream as TailnetStream};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use crate::accept::{AcceptLimits, accept_clients};
 use crate::relay::relay;
 
 /// One `--expose` rule.
@@ -85,58 +86,67 @@ impl fmt::Display for ExposeSpec {
     }
 }
 
+/// Connections one exposed port serves at once; further ones are closed on accept.
+pub const MAX_EXPOSED_CONNECTIONS: usize = 1024;
+
 /// Serves an exposed port until `cancel` fires: each connection accepted on
 /// the tailnet is relayed to the local target; when the target refuses, the
-/// tailnet side gets a reset.
+/// tailnet side gets a reset. Returns when every relay has ended.
 pub async fn serve_exposure(
     listener: TailnetListener,
     spec: ExposeSpec,
     connect_timeout: Duration,
     cancel: CancellationToken,
-    tasks: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (mut inbound, peer) = match accepted {
-            Ok(a) => a,
+    let kind = format!("exposed port {spec}");
+    let limits = AcceptLimits {
+        kind: &kind,
+        max_connections: MAX_EXPOSED_CONNECTIONS,
+        connections: None,
+    };
+    accept_clients(listener, &cancel, limits, |inbound, peer, token| {
+        expose_one(inbound, peer, spec.clone(), connect_timeout, token)
+    })
+    .await;
+}
+
+/// Relays one tailnet connection to a new connection to the local target.
+async fn expose_one(
+    mut inbound: TailnetStream,
+    peer: SocketAddr,
+    spec: ExposeSpec,
+    connect_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let target = (spec.host.as_str(), spec.target_port);
+    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(target));
+    let mut local = tokio::select! {
+        () = cancel.cancelled() => return,
+        connected = connect => match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(%peer, port = spec.port, target = %spec, error = %e, "expose: local connect failed");
+                inbound.abort();
+                return;
+            }
+            Err(_) => {
+                info!(%peer, port = spec.port, target = %spec, "expose: local connect timed out");
+                inbound.abort();
+                return;
+            }
+        },
+    };
+    let _ = local.set_nodelay(true);
+    debug!(%peer, port = spec.port, "expose: connected");
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        r = relay(&mut inbound, &mut local) => match r {
+            Ok((down, up)) => debug!(%peer, port = spec.port, down, up, "expose: closed"),
             Err(e) => {
-                warn!(port = spec.port, error = %e, "exposure listener failed");
-                break;
+                debug!(%peer, port = spec.port, error = %e, "expose: relay ended with an error");
+                inbound.abort();
             }
-        };
-        let spec = spec.clone();
-        let cancel = cancel.child_token();
-        tasks.spawn(async move {
-            let target = (spec.host.as_str(), spec.target_port);
-            let mut local = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    info!(%peer, port = spec.port, target = %spec, error = %e, "expose: local connect failed");
-                    inbound.abort();
-                    return;
-                }
-                Err(_) => {
-                    info!(%peer, port = spec.port, target = %spec, "expose: local connect timed out");
-                    inbound.abort();
-                    return;
-                }
-            };
-            let _ = local.set_nodelay(true);
-            debug!(%peer, port = spec.port, "expose: connected");
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                r = relay(&mut inbound, &mut local) => match r {
-                    Ok((down, up)) => debug!(%peer, port = spec.port, down, up, "expose: closed"),
-                    Err(e) => {
-                        debug!(%peer, port = spec.port, error = %e, "expose: relay ended with an error");
-                        inbound.abort();
-                    }
-                },
-            }
-        });
+        },
     }
 }
 

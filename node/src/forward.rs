@@ -7,11 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use crate::accept::{AcceptLimits, accept_clients};
 use crate::node::NodeHandle;
 use crate::relay::relay;
 
@@ -90,61 +90,70 @@ impl fmt::Display for ForwardSpec {
     }
 }
 
+/// Clients one TCP forward serves at once; further clients are closed on accept.
+pub const MAX_FORWARD_CONNECTIONS: usize = 1024;
+
 /// Serves a TCP forward on `listener` until `cancel` fires: every accepted
-/// connection gets its own tailnet connection to `remote` and a relay task
-/// tracked by `tasks`.
+/// connection gets its own tailnet connection to `remote` and a relay task.
+/// Returns when every relay has ended.
 pub async fn serve_tcp_forward(
     listener: TcpListener,
     remote: SocketAddr,
     node: NodeHandle,
     connect_timeout: Duration,
     cancel: CancellationToken,
-    tasks: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (mut client, peer) = match accepted {
-            Ok(a) => a,
+    let kind = match listener.local_addr() {
+        Ok(local) => format!("forward {local}={remote}"),
+        Err(_) => format!("forward to {remote}"),
+    };
+    let limits = AcceptLimits {
+        kind: &kind,
+        max_connections: MAX_FORWARD_CONNECTIONS,
+        connections: None,
+    };
+    accept_clients(listener, &cancel, limits, |client, peer, token| {
+        forward_one(client, peer, remote, node.clone(), connect_timeout, token)
+    })
+    .await;
+}
+
+/// Relays one accepted client to a new tailnet connection to `remote`.
+async fn forward_one(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    remote: SocketAddr,
+    node: NodeHandle,
+    connect_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let connect = node.netstack().connect(remote);
+    let mut upstream = tokio::select! {
+        () = cancel.cancelled() => return,
+        connected = tokio::time::timeout(connect_timeout, connect) => match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(%peer, %remote, error = %e, "forward: tailnet connect failed");
+                let _ = client.set_zero_linger();
+                return;
+            }
+            Err(_) => {
+                info!(%peer, %remote, "forward: tailnet connect timed out");
+                let _ = client.set_zero_linger();
+                return;
+            }
+        },
+    };
+    debug!(%peer, %remote, "forward: connected");
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        r = relay(&mut client, &mut upstream) => match r {
+            Ok((up, down)) => debug!(%peer, %remote, up, down, "forward: closed"),
             Err(e) => {
-                // Out of file descriptors and similar: back off briefly, keep serving.
-                warn!(error = %e, "forward accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                debug!(%peer, %remote, error = %e, "forward: relay ended with an error");
+                upstream.abort();
             }
-        };
-        let _ = client.set_nodelay(true);
-        let node = node.clone();
-        let cancel = cancel.child_token();
-        tasks.spawn(async move {
-            let connect = node.netstack().connect(remote);
-            let mut upstream = match tokio::time::timeout(connect_timeout, connect).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    info!(%peer, %remote, error = %e, "forward: tailnet connect failed");
-                    let _ = client.set_zero_linger();
-                    return;
-                }
-                Err(_) => {
-                    info!(%peer, %remote, "forward: tailnet connect timed out");
-                    let _ = client.set_zero_linger();
-                    return;
-                }
-            };
-            debug!(%peer, %remote, "forward: connected");
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                r = relay(&mut client, &mut upstream) => match r {
-                    Ok((up, down)) => debug!(%peer, %remote, up, down, "forward: closed"),
-                    Err(e) => {
-                        debug!(%peer, %remote, error = %e, "forward: relay ended with an error");
-                        upstream.abort();
-                    }
-                },
-            }
-        });
+        },
     }
 }
 

@@ -116,7 +116,7 @@
 //! - Nothing here prints to the terminal or parses a command line: errors are typed
 //!   ([`StartError`], [`ConfigError`], [`dial::DialError`], ...), logs go through `tracing`.
 
-pub mod accept;
+mod accept;
 pub mod api;
 pub mod config;
 pub mod coordinated;

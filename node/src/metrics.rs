@@ -18,7 +18,7 @@
 //! loopback address, but listens wherever the user asks: metrics carry no keys, names or
 //! addresses of peers.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -30,8 +30,9 @@ use tailnode_wg::DropReason;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::info;
 
+use crate::accept::{AcceptLimits, accept_clients};
 use crate::api::{RequestLine, read_request_line};
 use crate::status::StatusSource;
 
@@ -371,26 +372,34 @@ fn by_cause<'a>(
     known_iter.chain(others)
 }
 
-/// Serves `GET /metrics` on `listener` until `cancel` fires.
+/// Clients the metrics endpoint serves at once; further clients are closed on accept.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` on `listener` until `cancel` fires; returns when every request in
+/// flight has ended.
 pub async fn serve(listener: TcpListener, source: MetricsSource, cancel: CancellationToken) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "metrics listening on /metrics");
-    }
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let source = source.clone();
-                    tokio::spawn(async move { handle(stream, &source).await });
-                }
-                Err(e) => {
-                    debug!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+    let kind = match listener.local_addr() {
+        Ok(addr) => {
+            info!(%addr, "metrics listening on /metrics");
+            format!("metrics on {addr}")
         }
-    }
+        Err(_) => "metrics".to_string(),
+    };
+    let limits = AcceptLimits {
+        kind: &kind,
+        max_connections: MAX_METRICS_CONNECTIONS,
+        connections: None,
+    };
+    accept_clients(listener, &cancel, limits, |stream, _, token| {
+        let source = source.clone();
+        async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = handle(stream, &source) => {}
+            }
+        }
+    })
+    .await;
 }
 
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, source: &MetricsSource) {

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{self, ApiAddr, ApiBindError, default_api};
 use crate::config::{Config, ConfigError, ListenAddr, StaticPeer};
@@ -28,7 +28,9 @@ use crate::forward::{Protocol, serve_tcp_forward};
 use crate::http_proxy::{HttpProxyConfig, HttpProxyServer};
 use crate::identity::{KeyFileError, default_key_file, load_or_create_key};
 use crate::metrics::MetricsSource;
-use crate::node::{DEFAULT_MTU, Node, NodeConfig, NodeError, NodeHandle};
+use crate::node::{
+    DEFAULT_MTU, Node, NodeConfig, NodeError, NodeHandle, NodeStopped, PeerUpdateError,
+};
 use crate::socks5::{Socks5Config, Socks5Server};
 use crate::status::{ControlHandles, Status, StatusSource};
 use crate::udp_forward::{UdpForward, UdpForwardConfig};
@@ -68,6 +70,9 @@ pub enum StartError {
     /// The data plane could not start (UDP socket, netstack).
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// A static peer could not be added (the node's own key, or the node stopped meanwhile).
+    #[error("cannot add a static peer: {0}")]
+    Peer(#[from] PeerUpdateError),
     /// A local listener could not be bound.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Listen {
@@ -107,6 +112,7 @@ impl StartError {
                 | Self::WgConfig { .. }
                 | Self::KeyFile(_)
                 | Self::CoordinatorCa(_)
+                | Self::Peer(PeerUpdateError::Rejected(_))
         )
     }
 }
@@ -219,22 +225,20 @@ impl Tailnode {
         self.control.as_ref().map(|c| &c.directory)
     }
 
-    /// Adds (or updates) a static peer; a host-name endpoint is resolved in the background and
-    /// retried while it fails.
-    pub fn add_peer(&self, peer: StaticPeer) {
-        spawn_peer_setup(
-            &self.tasks,
-            self.node.handle(),
-            peer.into(),
-            self.cancel.clone(),
-        );
+    /// Adds (or updates) a static peer, in place when this returns; a host-name endpoint is
+    /// resolved in the background and retried while it fails.
+    ///
+    /// # Errors
+    /// [`PeerUpdateError`] when the engine refuses the peer or the node has stopped.
+    pub async fn add_peer(&self, peer: StaticPeer) -> Result<(), PeerUpdateError> {
+        add_static_peer(&self.tasks, &self.node.handle(), peer.into(), &self.cancel).await
     }
 
     /// Removes a peer; returns whether it existed.
     ///
     /// # Errors
     /// [`crate::node::NodeStopped`] once the node has stopped.
-    pub async fn remove_peer(&self, key: PublicKey) -> Result<bool, crate::node::NodeStopped> {
+    pub async fn remove_peer(&self, key: PublicKey) -> Result<bool, NodeStopped> {
         self.node.handle().remove_peer(key).await
     }
 
@@ -320,7 +324,7 @@ async fn start(config: Config, cancel: CancellationToken) -> Result<Tailnode, St
         .collect();
     let static_keys: Vec<PublicKey> = static_peers.iter().map(|p| p.public_key).collect();
     for peer in static_peers {
-        spawn_peer_setup(&tasks, handle.clone(), peer, cancel.clone());
+        add_static_peer(&tasks, &handle, peer, &cancel).await?;
     }
 
     let mut control = None;
@@ -494,7 +498,6 @@ async fn serve_proxies(
                     handle.clone(),
                     config.connect_timeout,
                     cancel.clone(),
-                    tasks.clone(),
                 ));
             }
             Protocol::Udp => {
@@ -530,7 +533,6 @@ async fn serve_proxies(
             spec.clone(),
             config.connect_timeout,
             cancel.clone(),
-            tasks.clone(),
         ));
     }
     Ok(bound)
@@ -545,45 +547,46 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "node".to_string())
 }
 
-/// Adds a static peer; a host-name endpoint is resolved first, retried with
-/// backoff while it fails (the peer is added without endpoint meanwhile, so
-/// it can still answer if it reaches us first).
-fn spawn_peer_setup(
+/// Adds a static peer before `start` returns; an endpoint given as a host name is resolved in
+/// a tracked task (retried with backoff until it resolves or the node stops) and set then.
+async fn add_static_peer(
     tasks: &TaskTracker,
-    node: NodeHandle,
+    node: &NodeHandle,
     peer: PeerSection,
-    cancel: CancellationToken,
-) {
+    cancel: &CancellationToken,
+) -> Result<(), PeerUpdateError> {
+    let mut config = peer_config(&peer, None);
+    if let Some(Endpoint::Addr(addr)) = &peer.endpoint {
+        config.endpoint = Some(*addr);
+    }
+    node.upsert_peer(config.clone()).await?;
+    let Some(Endpoint::Host { host, port }) = peer.endpoint.clone() else {
+        return Ok(());
+    };
+    let (node, cancel) = (node.clone(), cancel.clone());
     tasks.spawn(async move {
-        let mut config = peer_config(&peer, None);
-        match &peer.endpoint {
-            None => {}
-            Some(Endpoint::Addr(addr)) => config.endpoint = Some(*addr),
-            Some(Endpoint::Host { host, port }) => {
-                let _ = node.upsert_peer(config.clone()).await;
-                let mut delay = Duration::from_millis(500);
-                loop {
-                    match resolve_endpoint(host, *port).await {
-                        Ok(addr) => {
-                            config.endpoint = Some(addr);
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(peer = %peer.public_key.short(), %host, error = %e, "cannot resolve endpoint; retrying in {delay:?}");
-                        }
-                    }
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(30));
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match resolve_endpoint(&host, port).await {
+                Ok(addr) => {
+                    config.endpoint = Some(addr);
+                    break;
+                }
+                Err(e) => {
+                    warn!(peer = %peer.public_key.short(), %host, error = %e, "cannot resolve endpoint; retrying in {delay:?}");
                 }
             }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
         if node.upsert_peer(config).await.is_err() {
-            warn!("node stopped before its peers were configured");
+            debug!("node stopped before a peer's endpoint was resolved");
         }
     });
+    Ok(())
 }
 
 async fn resolve_endpoint(host: &str, port: u16) -> std::io::Result<SocketAddr> {

@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 pub use client::{FetchError, PingError, PingEvents, fetch_status, ping};
 
+use crate::accept::{AcceptLimits, Listener, accept_clients};
 use crate::status::StatusSource;
 
 /// Where the local API listens.
@@ -138,39 +138,50 @@ pub async fn bind(addr: &ApiAddr) -> Result<ApiListener, ApiBindError> {
     }
 }
 
-/// Serves the API until `cancel` fires.
+/// Clients the local API serves at once; further clients are closed on accept.
+pub const MAX_API_CONNECTIONS: usize = 64;
+
+/// Serves the API until `cancel` fires; returns when every request in flight has ended.
 pub async fn serve(listener: ApiListener, source: StatusSource, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = accept(&listener) => match accepted {
-                Ok(stream) => {
-                    let source = source.clone();
-                    tokio::spawn(async move {
-                        match stream {
-                            Stream::Tcp(s) => handle(s, &source).await,
-                            Stream::Unix(s) => handle(s, &source).await,
-                        }
-                    });
+    let kind = format!("local API on {}", listener.addr());
+    let limits = AcceptLimits {
+        kind: &kind,
+        max_connections: MAX_API_CONNECTIONS,
+        connections: None,
+    };
+    accept_clients(listener, &cancel, limits, |stream, (), token| {
+        let source = source.clone();
+        async move {
+            let served = async {
+                match stream {
+                    ApiStream::Tcp(s) => handle(s, &source).await,
+                    ApiStream::Unix(s) => handle(s, &source).await,
                 }
-                Err(e) => {
-                    debug!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            };
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = served => {}
+            }
         }
-    }
+    })
+    .await;
 }
 
-enum Stream {
+/// A connection to the local API.
+pub(crate) enum ApiStream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &ApiListener) -> std::io::Result<Stream> {
-    match listener {
-        ApiListener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-        ApiListener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+impl Listener for ApiListener {
+    type Stream = ApiStream;
+    type Peer = ();
+
+    async fn accept(&mut self) -> std::io::Result<(ApiStream, ())> {
+        match self {
+            ApiListener::Tcp(l) => l.accept().await.map(|(s, _)| (ApiStream::Tcp(s), ())),
+            ApiListener::Unix(l, _) => l.accept().await.map(|(s, _)| (ApiStream::Unix(s), ())),
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use super::parse::{
     parse_connect_target, parse_request_head, parse_response_head, reason_phrase, request_body,
     response_body,
 };
-use crate::accept::{AcceptLimits, accept_clients};
+use crate::accept::{AcceptLimits, accept_clients, close_with_reply};
 use crate::dial::{DialError, Dialer, TargetAddr};
 use crate::node::ConnectionCounters;
 use crate::relay::{RELAY_BUFFER, relay};
@@ -112,13 +112,14 @@ impl<D: Dialer> HttpProxyServer<D> {
     pub async fn serve(self, listener: TcpListener, cancel: CancellationToken) -> io::Result<()> {
         let local = listener.local_addr()?;
         info!(%local, auth = self.config.auth.is_some(), "HTTP proxy listening");
+        let kind = format!("HTTP proxy on {local}");
         let limits = AcceptLimits {
-            kind: "HTTP",
+            kind: &kind,
             max_connections: self.config.max_connections,
             connections: self.config.connections.as_ref(),
         };
         let (config, dialer) = (&self.config, &self.dialer);
-        accept_clients(listener, local, &cancel, limits, |stream, client, token| {
+        accept_clients(listener, &cancel, limits, |stream, client, token| {
             let config = Arc::clone(config);
             let dialer = Arc::clone(dialer);
             async move {
@@ -520,7 +521,7 @@ where
             if received.client_close {
                 // FIN, then drain briefly: unread client bytes (a body we stopped forwarding)
                 // must not turn the close into a reset that destroys the response.
-                close_with_reply(&mut self.client, &[], self.linger).await;
+                close_with_reply(&mut self.client, &[], self.linger, MAX_LINGER_BYTES).await;
                 return Some(Outcome::Finished {
                     requests: self.requests,
                 });
@@ -576,7 +577,13 @@ where
         if !head_request {
             answer.push_str(&body);
         }
-        close_with_reply(&mut self.client, answer.as_bytes(), self.linger).await;
+        close_with_reply(
+            &mut self.client,
+            answer.as_bytes(),
+            self.linger,
+            MAX_LINGER_BYTES,
+        )
+        .await;
         Outcome::Refused { status }
     }
 }
@@ -1057,30 +1064,6 @@ fn still_open<U: AsyncRead + Unpin>(stream: &mut U) -> bool {
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
     matches!(Pin::new(stream).poll_read(&mut cx, &mut buf), Poll::Pending)
-}
-
-/// Sends a final answer and closes gracefully: FIN, then read and discard what the client still
-/// sends (bounded in time and bytes) so that unread input does not turn the close into a reset
-/// that could destroy the answer before the client reads it.
-async fn close_with_reply<S>(client: &mut S, reply: &[u8], linger: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let close = async {
-        write_flush(client, reply).await?;
-        client.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        let mut discarded = 0;
-        while discarded < MAX_LINGER_BYTES {
-            match client.read(&mut sink).await? {
-                0 => break,
-                n => discarded += n,
-            }
-        }
-        io::Result::Ok(())
-    };
-    // Errors and timeouts here only mean the client is gone or slow; we close either way.
-    let _ = timeout(linger, close).await;
 }
 
 async fn write_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {

@@ -25,7 +25,7 @@ use super::config::Socks5Config;
 use super::handshake::{Credentials, Handshake, HandshakeError, Step};
 use super::proto::{Command, Reply, ReplyCode, Request, TargetAddr};
 use super::udp::{Socks5Counters, UdpEnd, log_end, run_association};
-use crate::accept::{AcceptLimits, accept_clients};
+use crate::accept::{AcceptLimits, accept_clients, close_with_reply};
 use crate::dial::{DialError, Dialer, NoUdp, UdpDialer};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT and, with a [`UdpDialer`], UDP ASSOCIATE; RFC 1929
@@ -122,12 +122,13 @@ impl<D: Dialer, U: UdpDialer> Socks5Server<D, U> {
             )),
             counters: Arc::clone(&self.counters),
         });
+        let kind = format!("SOCKS5 proxy on {local}");
         let limits = AcceptLimits {
-            kind: "SOCKS5",
+            kind: &kind,
             max_connections: self.config.max_connections,
             connections: self.config.connections.as_ref(),
         };
-        accept_clients(listener, local, &cancel, limits, |stream, client, token| {
+        accept_clients(listener, &cancel, limits, |stream, client, token| {
             let addrs = ConnAddrs {
                 local: stream.local_addr().unwrap_or(local),
                 peer: client,
@@ -256,7 +257,7 @@ where
         Err(_elapsed) => return Outcome::HandshakeTimeout,
         Ok(Ok(request)) => request,
         Ok(Err(HandshakeEnd::Rejected { reply, error })) => {
-            close_with_reply(&mut client, &reply, linger).await;
+            close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
             return Outcome::Rejected(error);
         }
         Ok(Err(HandshakeEnd::ClientClosed)) => return Outcome::ClientClosed,
@@ -274,7 +275,7 @@ where
         Command::Bind | Command::UdpAssociate => {
             let mut reply = Vec::with_capacity(10);
             Reply::failure(ReplyCode::CommandNotSupported).encode(&mut reply);
-            close_with_reply(&mut client, &reply, linger).await;
+            close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
             Outcome::Unsupported { command, target }
         }
     }
@@ -302,7 +303,7 @@ where
         Err(error) => {
             let mut reply = Vec::with_capacity(10);
             Reply::failure(error.reply_code()).encode(&mut reply);
-            close_with_reply(&mut client, &reply, linger).await;
+            close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
             return Outcome::DialFailed { target, error };
         }
     };
@@ -359,7 +360,7 @@ where
             "SOCKS5 UDP association limit reached"
         );
         let reply = refuse(ReplyCode::GeneralFailure);
-        close_with_reply(&mut client, &reply, linger).await;
+        close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
         return Outcome::UdpRefused {
             reason: "association limit reached".into(),
         };
@@ -369,7 +370,7 @@ where
         Ok(relay) => relay,
         Err(error) => {
             let reply = refuse(ReplyCode::GeneralFailure);
-            close_with_reply(&mut client, &reply, linger).await;
+            close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
             return Outcome::UdpRefused {
                 reason: format!("cannot bind a relay socket on {relay_ip}: {error}"),
             };
@@ -383,7 +384,7 @@ where
         Ok(egress) => egress,
         Err(error) => {
             let reply = refuse(error.reply_code());
-            close_with_reply(&mut client, &reply, linger).await;
+            close_with_reply(&mut client, &reply, linger, MAX_LINGER_BYTES).await;
             return Outcome::UdpRefused {
                 reason: format!("cannot open the egress: {error}"),
             };
@@ -467,30 +468,6 @@ where
             Step::Close { reply, error } => return Err(HandshakeEnd::Rejected { reply, error }),
         }
     }
-}
-
-/// Sends a final reply and closes gracefully: FIN, then read and discard what the client still
-/// sends (bounded in time and bytes) so that unread input does not turn the close into a reset
-/// that could destroy the reply before the client reads it.
-async fn close_with_reply<S>(client: &mut S, reply: &[u8], linger: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let close = async {
-        write_flush(client, reply).await?;
-        client.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        let mut discarded = 0;
-        while discarded < MAX_LINGER_BYTES {
-            match client.read(&mut sink).await? {
-                0 => break,
-                n => discarded += n,
-            }
-        }
-        io::Result::Ok(())
-    };
-    // Errors and timeouts here only mean the client is gone or slow; we close either way.
-    let _ = timeout(linger, close).await;
 }
 
 async fn write_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
