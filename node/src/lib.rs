@@ -134,7 +134,10 @@ pub mod running;
 pub mod socks5;
 pub mod status;
 pub mod stream;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod udp_forward;
 
 pub use config::{Config, ConfigError, ListenAddr, StaticPeer};
+pub use node::DatagramIo;
 pub use running::{StartError, Tailnode};

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tailnode_control::controller::{
-    ControlStatus, Controller, ControllerConfig, PeerDirectory, TlsSetupError, WebSocketTransport,
+    Connector, ControlStatus, Controller, ControllerConfig, PeerDirectory, TcpConnector,
+    TlsSetupError, WebSocketTransport,
 };
 use tailnode_netstack::{ListenError, TcpListener as TailnetListener};
 use tailnode_wg::config::{Endpoint, PeerSection, WgQuickConfig};
@@ -29,7 +30,7 @@ use crate::http_proxy::{HttpProxyConfig, HttpProxyServer};
 use crate::identity::{KeyFileError, default_key_file, load_or_create_key};
 use crate::metrics::MetricsSource;
 use crate::node::{
-    DEFAULT_MTU, Node, NodeConfig, NodeError, NodeHandle, NodeStopped, PeerUpdateError,
+    DEFAULT_MTU, DatagramIo, Node, NodeConfig, NodeError, NodeHandle, NodeStopped, PeerUpdateError,
 };
 use crate::socks5::{Socks5Config, Socks5Server};
 use crate::status::{ControlHandles, Status, StatusSource};
@@ -173,8 +174,34 @@ impl Tailnode {
     /// # Errors
     /// [`StartError`] naming the setting, file or address at fault.
     pub async fn start(config: Config, cancel: CancellationToken) -> Result<Self, StartError> {
+        let no_socket: Option<tokio::net::UdpSocket> = None;
+        Self::start_inner(config, no_socket, TcpConnector, cancel).await
+    }
+
+    /// Starts a node as [`start`](Self::start) does, but on another network: WireGuard
+    /// datagrams go through `datagrams` (`listen_port` is not used) and connections to the
+    /// coordinator are opened by `connector`. This is how whole nodes run on the simulated
+    /// network of the `testing` feature.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_with<D: DatagramIo, C: Connector>(
+        config: Config,
+        datagrams: D,
+        connector: C,
+        cancel: CancellationToken,
+    ) -> Result<Self, StartError> {
+        Self::start_inner(config, Some(datagrams), connector, cancel).await
+    }
+
+    async fn start_inner<D: DatagramIo, C: Connector>(
+        config: Config,
+        datagrams: Option<D>,
+        connector: C,
+        cancel: CancellationToken,
+    ) -> Result<Self, StartError> {
         let cancel = cancel.child_token();
-        let started = start(config, cancel.clone()).await;
+        let started = start(config, datagrams, connector, cancel.clone()).await;
         if started.is_err() {
             cancel.cancel();
         }
@@ -287,7 +314,12 @@ impl Tailnode {
     }
 }
 
-async fn start(config: Config, cancel: CancellationToken) -> Result<Tailnode, StartError> {
+async fn start<D: DatagramIo, C: Connector>(
+    config: Config,
+    datagrams: Option<D>,
+    connector: C,
+    cancel: CancellationToken,
+) -> Result<Tailnode, StartError> {
     config.validate()?;
     let wg = match &config.wg_config {
         Some(path) => Some(load_wg_config(path)?),
@@ -313,7 +345,10 @@ async fn start(config: Config, cancel: CancellationToken) -> Result<Tailnode, St
         .mtu
         .or(wg.as_ref().and_then(|wg| wg.interface.mtu))
         .map_or(DEFAULT_MTU, usize::from);
-    let node = Node::start(node_config, cancel.clone()).await?;
+    let node = match datagrams {
+        Some(io) => Node::start_with_io(node_config, io, cancel.clone())?,
+        None => Node::start(node_config, cancel.clone()).await?,
+    };
     let handle = node.handle();
     let tasks = TaskTracker::new();
     let static_peers: Vec<PeerSection> = wg
@@ -330,7 +365,8 @@ async fn start(config: Config, cancel: CancellationToken) -> Result<Tailnode, St
     let mut control = None;
     let mut controller_task = None;
     if let Some(url) = config.coordinator.clone() {
-        let transport = WebSocketTransport::new(config.coordinator_ca.as_deref())?;
+        let transport =
+            WebSocketTransport::new(config.coordinator_ca.as_deref())?.with_connector(connector);
         let name = config.name.clone().unwrap_or_else(host_name);
         let mut cc = ControllerConfig::new(
             url.clone(),

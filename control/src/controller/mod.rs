@@ -45,7 +45,7 @@ pub use peers::{
     RemoveReason, SelfAddresses,
 };
 pub use transport::{
-    DialError, Incoming, Session, SessionError, TlsSetupError, Transport, WebSocketSession,
-    WebSocketTransport,
+    Connector, DialError, Incoming, Session, SessionError, TcpConnector, TlsSetupError, Transport,
+    WebSocketSession, WebSocketTransport,
 };
 pub use url::{CoordinatorUrl, UrlError};

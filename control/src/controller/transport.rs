@@ -18,6 +18,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -233,13 +234,67 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The real transport: TCP, optional TLS, websocket.
-#[derive(Clone)]
-pub struct WebSocketTransport {
-    tls: Arc<rustls::ClientConfig>,
+/// Opens the byte stream a websocket session runs on: TCP from the host ([`TcpConnector`]), or
+/// a simulated network's stream in tests.
+pub trait Connector: Send + Sync + 'static {
+    /// The connected stream.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Connects to `host:port`. No timeout of its own: the caller bounds it.
+    ///
+    /// # Errors
+    /// [`DialError::Dns`], [`DialError::Refused`], [`DialError::Timeout`] or
+    /// [`DialError::Io`].
+    fn connect(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
 }
 
-impl std::fmt::Debug for WebSocketTransport {
+/// TCP from the host network: resolves the name, tries each address in turn.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    type Stream = TcpStream;
+
+    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
+        let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| DialError::Dns(format!("{host}: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(DialError::Dns(format!("{host}: no addresses")));
+        }
+        let mut last = None;
+        for addr in addrs {
+            tracing::debug!(%addr, "connecting to the coordinator");
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    // Control messages are small and latency-sensitive.
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        Err(match last {
+            Some((addr, e)) => classify_io(&e, &addr.to_string()),
+            None => DialError::Dns(format!("{host}: no addresses")),
+        })
+    }
+}
+
+/// The real transport: a stream from its [`Connector`] (TCP by default), optional TLS,
+/// websocket.
+#[derive(Clone)]
+pub struct WebSocketTransport<C = TcpConnector> {
+    tls: Arc<rustls::ClientConfig>,
+    connector: C,
+}
+
+impl<C> std::fmt::Debug for WebSocketTransport<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WebSocketTransport")
     }
@@ -289,52 +344,38 @@ impl WebSocketTransport {
 
     /// Uses a caller-built rustls client configuration for `wss` URLs.
     pub fn with_tls_config(tls: Arc<rustls::ClientConfig>) -> Self {
-        WebSocketTransport { tls }
-    }
-
-    async fn connect_tcp(url: &CoordinatorUrl) -> Result<TcpStream, DialError> {
-        let host = url.host();
-        let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), url.port()))
-            .await
-            .map_err(|e| DialError::Dns(format!("{host}: {e}")))?
-            .collect();
-        if addrs.is_empty() {
-            return Err(DialError::Dns(format!("{host}: no addresses")));
+        WebSocketTransport {
+            tls,
+            connector: TcpConnector,
         }
-        let mut last = None;
-        for addr in addrs {
-            tracing::debug!(%addr, "connecting to the coordinator");
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
-                    // Control messages are small and latency-sensitive.
-                    let _ = tcp.set_nodelay(true);
-                    return Ok(tcp);
-                }
-                Err(e) => last = Some((addr, e)),
-            }
-        }
-        Err(match last {
-            Some((addr, e)) => classify_io(&e, &addr.to_string()),
-            None => DialError::Dns(format!("{host}: no addresses")),
-        })
     }
 }
 
-impl Transport for WebSocketTransport {
-    type Session = WebSocketSession;
+impl<C> WebSocketTransport<C> {
+    /// The same transport over the streams of `connector`.
+    pub fn with_connector<N: Connector>(self, connector: N) -> WebSocketTransport<N> {
+        WebSocketTransport {
+            tls: self.tls,
+            connector,
+        }
+    }
+}
 
-    async fn dial(&self, url: &CoordinatorUrl) -> Result<WebSocketSession, DialError> {
-        let tcp = Self::connect_tcp(url).await?;
+impl<C: Connector> Transport for WebSocketTransport<C> {
+    type Session = WebSocketSession<MaybeTlsStream<C::Stream>>;
+
+    async fn dial(&self, url: &CoordinatorUrl) -> Result<Self::Session, DialError> {
+        let stream = self.connector.connect(&url.host(), url.port()).await?;
         let stream = if url.is_tls() {
             let name = ServerName::try_from(url.host())
                 .map_err(|e| DialError::Tls(format!("invalid server name: {e}")))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
+                .connect(name, stream)
                 .await
                 .map_err(|e| DialError::Tls(e.to_string()))?;
             MaybeTlsStream::Rustls(tls)
         } else {
-            MaybeTlsStream::Plain(tcp)
+            MaybeTlsStream::Plain(stream)
         };
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_SERVER_MESSAGE))
@@ -348,18 +389,21 @@ impl Transport for WebSocketTransport {
     }
 }
 
-/// A websocket session to the coordinator.
-pub struct WebSocketSession {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+/// A websocket session to the coordinator over the stream `S`.
+pub struct WebSocketSession<S = MaybeTlsStream<TcpStream>> {
+    ws: WebSocketStream<S>,
 }
 
-impl std::fmt::Debug for WebSocketSession {
+impl<S> std::fmt::Debug for WebSocketSession<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WebSocketSession")
     }
 }
 
-impl Session for WebSocketSession {
+impl<S> Session for WebSocketSession<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     async fn send(&mut self, msg: &ClientMessage) -> Result<(), SessionError> {
         self.ws
             .send(Message::text(msg.to_json()))

@@ -42,11 +42,13 @@ use std::time::Duration;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 pub mod http;
+pub mod listener;
 pub mod registry;
 mod server;
 pub mod state;
 pub mod tls;
 
+pub use listener::ConnectionListener;
 pub use registry::{
     AuthKey, Frame, Hello, Output, Registry, RegistryConfig, Rejection, SessionId,
     effective_endpoints,

@@ -29,9 +29,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ipnet::{Ipv4Net, Ipv6Net};
 use subtle::ConstantTimeEq;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, info, warn};
 
 use super::CoordinatorError;
@@ -51,21 +51,22 @@ impl fmt::Display for SessionId {
     }
 }
 
-/// A serialized [`ServerMessage`], ready for a websocket text frame.
+/// A serialized [`ServerMessage`] (JSON, so valid UTF-8), ready for a websocket text frame.
 /// Cloning is a reference-count increment, so one frame can go to any number
 /// of sessions.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Frame(Utf8Bytes);
+pub struct Frame(Bytes);
 
 impl Frame {
     /// Serializes a message.
     pub fn encode(message: &ServerMessage) -> Self {
-        Frame(Utf8Bytes::from(message.to_json()))
+        Self::from_string(message.to_json())
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        // Always valid: frames are only made from `String`s.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
     /// Decodes the frame back into a message (for tests and logs).
@@ -76,13 +77,13 @@ impl Frame {
         ServerMessage::from_json(self.as_str())
     }
 
-    /// The websocket message carrying this frame.
-    pub fn into_message(self) -> Message {
-        Message::Text(self.0)
+    /// The frame's bytes (UTF-8 JSON), shared with every clone.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
     }
 
     fn from_string(s: String) -> Self {
-        Frame(Utf8Bytes::from(s))
+        Frame(Bytes::from(s))
     }
 }
 

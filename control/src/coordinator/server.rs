@@ -15,11 +15,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::{MissedTickBehavior, timeout, timeout_at};
 use tokio_rustls::TlsAcceptor;
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, trace, warn};
 
 use super::http::{MAX_HEAD, Prefixed, Route, head_end, response, route};
+use super::listener::ConnectionListener;
 use super::registry::{AuthKey, Frame, Hello, Output, Registry, Rejection, SessionId};
 use super::state::StateFile;
 use super::{AuthKeySource, CoordinatorConfig, CoordinatorError, tls};
@@ -66,16 +67,17 @@ pub async fn serve(
         .await
 }
 
-/// A coordinator that has done its start-up checks and holds its listener.
-pub struct CoordinatorServer {
+/// A coordinator that has done its start-up checks and holds its listener (TCP unless
+/// built with another [`ConnectionListener`]).
+pub struct CoordinatorServer<L = TcpListener> {
     config: Arc<CoordinatorConfig>,
-    listener: TcpListener,
+    listener: L,
     local_addr: SocketAddr,
     registry: Registry,
     tls: Option<TlsAcceptor>,
 }
 
-impl std::fmt::Debug for CoordinatorServer {
+impl<L> std::fmt::Debug for CoordinatorServer<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CoordinatorServer")
             .field("local_addr", &self.local_addr)
@@ -100,7 +102,9 @@ impl CoordinatorServer {
                 })?;
         Self::from_listener(config, listener).await
     }
+}
 
+impl<L: ConnectionListener> CoordinatorServer<L> {
     /// Checks the config, reads the auth key file (if any), loads the state
     /// file (creating it if absent, which also proves it is writable) and
     /// the TLS files.
@@ -109,7 +113,7 @@ impl CoordinatorServer {
     /// The first problem found, naming the file involved.
     pub async fn from_listener(
         config: CoordinatorConfig,
-        listener: TcpListener,
+        listener: L,
     ) -> Result<Self, CoordinatorError> {
         let local_addr = listener.local_addr().map_err(CoordinatorError::Listener)?;
         if config.session_queue < 2 {
@@ -175,7 +179,7 @@ impl CoordinatorServer {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), CoordinatorError> {
         let CoordinatorServer {
             config,
-            listener,
+            mut listener,
             local_addr,
             registry,
             tls,
@@ -281,6 +285,21 @@ impl CoordinatorServer {
     }
 }
 
+/// The websocket text message carrying `frame`.
+fn frame_message(frame: Frame) -> Message {
+    // Frames are serialized JSON, so the check always passes; it costs one pass over bytes
+    // that are about to be copied into the socket buffer anyway.
+    match Utf8Bytes::try_from(frame.into_bytes()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Text(Utf8Bytes::from_static("")),
+    }
+}
+
+/// The registry's clock: tokio's, so a paused runtime drives expiry in tests.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Reads the state file, or creates an empty one.
 fn load_or_create_state(path: &Path) -> Result<StateFile, CoordinatorError> {
     if let Some(state) = StateFile::load(path)? {
@@ -350,7 +369,7 @@ async fn expiry_loop(hub: Arc<Hub>) {
             _ = hub.expiry.notified() => continue,
             _ = sleep => {}
         }
-        hub.with_registry(|r| r.handle_timeout(Instant::now()));
+        hub.with_registry(|r| r.handle_timeout(now()));
     }
 }
 
@@ -455,17 +474,16 @@ fn deliver(sessions: &mut HashMap<SessionId, SessionHandle>, session: SessionId,
     }
 }
 
-/// One accepted TCP connection, start to end.
-async fn handle_connection(
+/// One accepted connection, start to end.
+async fn handle_connection<S>(
     hub: Arc<Hub>,
-    stream: TcpStream,
+    stream: S,
     remote: SocketAddr,
     tls: Option<TlsAcceptor>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let deadline = tokio::time::Instant::now() + hub.config.handshake_timeout;
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!(%remote, error = %e, "cannot set TCP_NODELAY");
-    }
     match tls {
         None => serve_http(hub, stream, remote, deadline).await,
         Some(acceptor) => {
@@ -759,7 +777,7 @@ async fn run_session<S>(
         );
         match inner
             .registry
-            .handle_hello(session, hello, remote, &auth, Instant::now())
+            .handle_hello(session, hello, remote, &auth, now())
         {
             Ok(()) => {
                 hub.dispatch(&mut inner);
@@ -783,7 +801,7 @@ async fn run_session<S>(
         let mut inner = hub.lock();
         inner.sessions.remove(&session);
         if !hub.shutdown.is_cancelled() {
-            inner.registry.handle_closed(session, Instant::now());
+            inner.registry.handle_closed(session, now());
             hub.dispatch(&mut inner);
         }
     }
@@ -807,7 +825,7 @@ async fn run_session<S>(
         }
         End::Replaced(frame) => {
             debug!(%session, key = %short, "closing replaced session");
-            let _ = timeout(CLOSE_TIMEOUT, ws.send(frame.into_message())).await;
+            let _ = timeout(CLOSE_TIMEOUT, ws.send(frame_message(frame))).await;
             close(&mut ws, CloseCode::Policy, "replaced").await;
         }
         End::Refused(rejection) => {
@@ -880,13 +898,13 @@ where
                     }
                     Inbound::Message(ClientMessage::Update { endpoints }) => {
                         trace!(%session, count = endpoints.len(), "update");
-                        let result = hub.with_registry(|r| r.handle_update(session, &endpoints, Instant::now()));
+                        let result = hub.with_registry(|r| r.handle_update(session, &endpoints, now()));
                         if let Err(rejection) = result {
                             return refused(rejection);
                         }
                     }
                     Inbound::Message(ClientMessage::Goodbye) => {
-                        let result = hub.with_registry(|r| r.handle_goodbye(session, Instant::now()));
+                        let result = hub.with_registry(|r| r.handle_goodbye(session, now()));
                         return match result {
                             Ok(()) => End::Goodbye,
                             Err(rejection) => refused(rejection),
@@ -969,7 +987,7 @@ where
 {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame as WireFrame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    let message = frame.into_message();
+    let message = frame_message(frame);
     let Message::Text(text) = &message else {
         return ws.feed(message).await;
     };
@@ -1016,7 +1034,7 @@ where
         _ => CloseCode::Policy,
     };
     let _ = timeout(CLOSE_TIMEOUT, async {
-        ws.feed(rejection.frame().into_message()).await?;
+        ws.feed(frame_message(rejection.frame())).await?;
         ws.send(Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(rejection.code.to_string()),

@@ -1,5 +1,6 @@
-//! The packet task: the one owner of the WireGuard engine, the UDP socket and
-//! the netstack's packet queues.
+//! The packet task: the one owner of the WireGuard engine, the datagram socket
+//! ([`DatagramIo`]: the host's UDP socket or a simulated one) and the netstack's
+//! packet queues.
 //!
 //! Per wake-up it drains every ready datagram (bounded by [`MAX_BATCH`]),
 //! decrypts straight into buffers that the netstack consumes without a copy,
@@ -14,12 +15,12 @@ use std::time::Duration;
 
 use tailnode_netstack::{Netstack, PacketQueues};
 use tailnode_wg::{DatagramOutcome, Engine, Event, PacketOutcome};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace};
 
+use super::datagram::DatagramIo;
 use super::{Command, DataPlaneCounters};
 
 /// Datagrams handled per wake-up before the stack is polled and the loop
@@ -41,10 +42,10 @@ pub(crate) fn pooled_len(mtu: usize) -> usize {
 /// wake-up: timers are re-checked at least this often.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
-pub(crate) struct Driver {
+pub(crate) struct Driver<D> {
     pub engine: Engine,
     pub netstack: Netstack,
-    pub udp: UdpSocket,
+    pub udp: D,
     pub commands: mpsc::Receiver<Command>,
     pub cancel: CancellationToken,
     pub counters: DataPlaneCounters,
@@ -52,7 +53,7 @@ pub(crate) struct Driver {
     pub pooled_len: usize,
 }
 
-impl Driver {
+impl<D: DatagramIo> Driver<D> {
     /// Runs until the node's cancellation token fires.
     pub async fn run(mut self) {
         let mut queues = PacketQueues::new();
@@ -235,8 +236,8 @@ fn recycle_excess(free: &mut Vec<Vec<u8>>) {
 /// Sends one datagram. A full socket buffer waits for room (backpressure on
 /// the whole packet path); any other error drops the datagram, as the network
 /// would, and is counted.
-async fn send(
-    udp: &UdpSocket,
+async fn send<D: DatagramIo>(
+    udp: &D,
     payload: &[u8],
     dst: SocketAddr,
     local: SocketAddr,

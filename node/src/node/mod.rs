@@ -7,7 +7,10 @@
 //! Everything else talks to that task through [`NodeHandle`], whose commands
 //! are applied between packet batches.
 
+mod datagram;
 mod driver;
+
+pub use datagram::DatagramIo;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -278,11 +281,26 @@ impl Node {
     /// [`NodeError`] when the socket cannot be bound or the netstack config is bad.
     pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Self, NodeError> {
         let udp = bind_dual_stack(config.listen_port, config.udp_buffer)?;
+        Self::start_with_io(config, udp, cancel)
+    }
+
+    /// Starts the node on the datagram socket `io` instead of binding one (`listen_port` and
+    /// `udp_buffer` are not used). Time is tokio's clock, so a paused runtime drives the whole
+    /// node.
+    ///
+    /// # Errors
+    /// [`NodeError`] when the socket has no local address or the netstack config is bad.
+    pub fn start_with_io<D: DatagramIo>(
+        config: NodeConfig,
+        io: D,
+        cancel: CancellationToken,
+    ) -> Result<Self, NodeError> {
+        let udp = io;
         let local_udp = udp.local_addr().map_err(|source| NodeError::Bind {
             port: config.listen_port,
             source,
         })?;
-        let now = Instant::now();
+        let now = tokio::time::Instant::now().into_std();
         let mut engine = Engine::new(EngineConfig::new(config.private_key.clone()), now);
         for peer in config.peers {
             let key = peer.public_key;
