@@ -114,7 +114,7 @@ impl NodeDataPlane {
             let Ok(stats) = self.node.peers().await else {
                 return;
             };
-            let now = Instant::now();
+            let now = tokio::time::Instant::now().into_std();
             let mut switches = Vec::new();
             {
                 let mut state = self.lock();
@@ -182,7 +182,7 @@ impl DataPlane for NodeDataPlane {
                         Candidates {
                             list: list.clone(),
                             current: 0,
-                            since: Instant::now(),
+                            since: tokio::time::Instant::now().into_std(),
                         },
                     );
                     list.first().copied()
