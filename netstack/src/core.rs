@@ -6,6 +6,20 @@
 //! state as of the last poll. Operations that give smoltcp something to do mark their socket
 //! dirty and set [`Core::wake_driver`]; the caller notifies the driver after releasing the lock.
 //!
+//! # Blocking operations
+//!
+//! The core knows nothing of tasks or wakers. An application operation that cannot complete yet
+//! (no data to read, a full send buffer, a handshake in progress, nothing to accept) returns
+//! [`WouldBlock`] naming its [`Waiter`], and the core notes the interest. Whenever a poll or
+//! another operation changes a socket so that a noted operation may now complete, the core
+//! clears the interest and appends the waiter to its ready list, which the caller drains with
+//! [`Core::take_ready`] before releasing the lock. Each noted interest is reported once. The
+//! TCP checks are the negations of the conditions under which the operations block (see
+//! `Conn::recv_ready` and its siblings), a receive on a UDP or echo socket is ready when a
+//! datagram arrived, and a send on one whenever egress ran for its socket (the only thing that
+//! frees queue room). Readiness changes only through ingress, egress, reclaim and the
+//! operations themselves, which all run the checks, so no wake-up is missed.
+//!
 //! # One `SocketSet` per socket
 //!
 //! smoltcp scans every socket of a `SocketSet` for each inbound TCP segment, and its egress pass
@@ -39,7 +53,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -49,7 +62,6 @@ use smoltcp::socket::tcp::{self, RecvError, State};
 use smoltcp::socket::udp;
 use smoltcp::time::{Duration as SmolDuration, Instant as SmolInstant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
-use tokio::io::ReadBuf;
 
 use crate::device::{PacketQueues, QueueDevice};
 use crate::inspect::{self, Class, TcpSummary};
@@ -139,6 +151,39 @@ pub(crate) enum End {
     Aborted,
 }
 
+/// An application operation that waits for the core: what [`WouldBlock`] names and the ready
+/// list reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Waiter {
+    /// A read of this connection.
+    TcpRecv(ConnId),
+    /// A write to this connection, or its `connect` waiting for the handshake.
+    TcpSend(ConnId),
+    /// An `accept` on the listener of this port.
+    Accept(u16),
+    /// A receive on the UDP socket of this port.
+    UdpRecv(u16),
+    /// A send on the UDP socket of this port.
+    UdpSend(u16),
+    /// A receive on the ICMP echo socket with this identifier.
+    IcmpRecv(u16),
+    /// A send on the ICMP echo socket with this identifier.
+    IcmpSend(u16),
+}
+
+/// The operation cannot complete yet; the core noted the interest and reports the waiter in its
+/// ready list (see [`Core::take_ready`]) once the operation may complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) struct WouldBlock(pub(crate) Waiter);
+
+/// The blocked operations of one socket whose readiness the core watches.
+#[derive(Debug, Clone, Copy, Default)]
+struct Interest {
+    recv: bool,
+    send: bool,
+}
+
 /// One smoltcp socket in a `SocketSet` of its own.
 struct Slot {
     set: SocketSet<'static>,
@@ -193,6 +238,8 @@ pub(crate) struct Conn {
     /// Unread data of a connection whose socket was already reclaimed, and the read offset.
     leftover: Vec<u8>,
     leftover_pos: usize,
+    /// Reads or writes (or the `connect`) blocked on this connection.
+    interest: Interest,
 }
 
 impl Conn {
@@ -211,7 +258,48 @@ impl Conn {
             end: None,
             leftover: Vec::new(),
             leftover_pos: 0,
+            interest: Interest::default(),
         }
+    }
+
+    /// Whether a read blocked on this connection may complete now: data, end of stream or an
+    /// error (the negation of the condition under which `Core::tcp_recv` blocks).
+    fn recv_ready(&self) -> bool {
+        let Some(slot) = self.slot.as_ref() else {
+            return true;
+        };
+        let sock = slot.tcp_ref();
+        if sock.may_recv() {
+            sock.recv_queue() > 0
+        } else {
+            // A FIN received always leaves the handshake states behind.
+            !handshaking(sock.state())
+        }
+    }
+
+    /// Whether a write (or the `connect`) blocked on this connection may complete now: room in
+    /// the send buffer, or the handshake is over (the negation of the conditions under which
+    /// `Core::tcp_send` and `Core::connect_finish` block).
+    fn send_ready(&self) -> bool {
+        let Some(slot) = self.slot.as_ref() else {
+            return true;
+        };
+        let sock = slot.tcp_ref();
+        if sock.may_send() {
+            sock.send_queue() < sock.send_capacity()
+        } else {
+            !handshaking(sock.state())
+        }
+    }
+
+    /// Whether this connection, created for a listener, can be accepted (see `Core::accept`).
+    fn accept_ready(&self) -> bool {
+        self.slot.as_ref().is_some_and(|slot| {
+            !matches!(
+                slot.tcp_ref().state(),
+                State::SynReceived | State::Listen | State::Closed | State::TimeWait
+            )
+        })
     }
 
     /// The I/O error for a connection that can no longer carry data in the given direction;
@@ -235,8 +323,8 @@ impl Conn {
 struct Listener {
     /// Records owned by this listener: handshakes and connections awaiting accept.
     pending: Vec<ConnId>,
-    /// The task blocked in `accept`, registered on every pending socket.
-    waker: Option<std::task::Waker>,
+    /// An `accept` is blocked: a pending record becoming acceptable makes it ready.
+    interest: bool,
 }
 
 /// A UDP socket, keyed by its port.
@@ -245,6 +333,8 @@ struct UdpEntry {
     /// The handle was dropped; removed once the queued datagrams are sent.
     orphan: bool,
     dirty: bool,
+    /// Receives or sends blocked on this socket.
+    interest: Interest,
 }
 
 /// Where an inbound TCP segment goes.
@@ -351,6 +441,8 @@ pub(crate) struct Core {
     counters: Counters,
     /// Set by operations that gave smoltcp work; cleared by whoever notifies the driver.
     pub(crate) wake_driver: bool,
+    /// Blocked operations that may now complete (see [`Core::take_ready`]).
+    ready: Vec<Waiter>,
 }
 
 impl Core {
@@ -396,6 +488,7 @@ impl Core {
             tcp_sockets: 0,
             counters: Counters::default(),
             wake_driver: false,
+            ready: Vec::new(),
         };
         core.set_addresses(addresses)?;
         Ok(core)
@@ -481,6 +574,36 @@ impl Core {
             packets_out: self.counters.packets_out,
             syn_dropped: self.counters.syn_dropped,
             fragments_dropped: self.counters.fragments_dropped,
+        }
+    }
+
+    /// Takes the waiters whose blocked operation may now complete, in the order they became
+    /// ready. Each was returned in a [`WouldBlock`] and is reported once per such return.
+    pub(crate) fn take_ready(&mut self) -> std::vec::Drain<'_, Waiter> {
+        self.ready.drain(..)
+    }
+
+    /// Moves the blocked operations of connection `id` that may now complete (and a blocked
+    /// `accept` of its listener) to the ready list.
+    fn check_ready(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if conn.interest.recv && conn.recv_ready() {
+            conn.interest.recv = false;
+            self.ready.push(Waiter::TcpRecv(id));
+        }
+        if conn.interest.send && conn.send_ready() {
+            conn.interest.send = false;
+            self.ready.push(Waiter::TcpSend(id));
+        }
+        if let Owner::Listener(port) = conn.owner
+            && let Some(listener) = self.listeners.get_mut(&port)
+            && listener.interest
+            && conn.accept_ready()
+        {
+            listener.interest = false;
+            self.ready.push(Waiter::Accept(port));
         }
     }
 
@@ -600,6 +723,7 @@ impl Core {
                         self.discard(id);
                     } else {
                         self.touch(id);
+                        self.check_ready(id);
                     }
                 }
                 Route::Nobody => {
@@ -610,23 +734,37 @@ impl Core {
                 Route::Drop => device.free.push(packet),
             },
             Class::Udp { dst_port } => {
-                let set = match self.udp.get_mut(&dst_port) {
-                    Some(entry) => &mut entry.slot.set,
-                    None => &mut self.nobody,
-                };
                 device.rx = Some(packet);
-                self.iface.poll_ingress_single(ts, device, set);
+                match self.udp.get_mut(&dst_port) {
+                    Some(entry) => {
+                        self.iface
+                            .poll_ingress_single(ts, device, &mut entry.slot.set);
+                        if entry.interest.recv && entry.slot.udp_ref().can_recv() {
+                            entry.interest.recv = false;
+                            self.ready.push(Waiter::UdpRecv(dst_port));
+                        }
+                    }
+                    None => {
+                        self.iface.poll_ingress_single(ts, device, &mut self.nobody);
+                    }
+                }
                 device.recycle_rx();
             }
             Class::EchoReply { dst, ident } => {
-                let set = match self.icmp.get_mut(&ident) {
+                device.rx = Some(packet);
+                match self.icmp.get_mut(&ident) {
                     // Only replies addressed to us: smoltcp checks the destination as well, but
                     // a reply to somebody else must not reach (or wake) the socket.
-                    Some(entry) if self.addresses.contains(&dst) => entry.set(),
-                    _ => &mut self.nobody,
-                };
-                device.rx = Some(packet);
-                self.iface.poll_ingress_single(ts, device, set);
+                    Some(entry) if self.addresses.contains(&dst) => {
+                        self.iface.poll_ingress_single(ts, device, entry.set());
+                        if entry.take_recv_ready() {
+                            self.ready.push(Waiter::IcmpRecv(ident));
+                        }
+                    }
+                    _ => {
+                        self.iface.poll_ingress_single(ts, device, &mut self.nobody);
+                    }
+                }
                 device.recycle_rx();
             }
             Class::Fragment => {
@@ -697,9 +835,6 @@ impl Core {
         if sock.listen(port).is_err() {
             // Port is non-zero and the socket fresh: listen cannot fail.
             return Route::Nobody;
-        }
-        if let Some(waker) = self.listeners.get(&port).and_then(|l| l.waker.as_ref()) {
-            sock.register_recv_waker(waker);
         }
         self.tcp_sockets += 1;
         let tuple = (segment.dst, segment.src);
@@ -797,6 +932,7 @@ impl Core {
                 // Possibly more to send: stays dirty for the next poll.
                 conn.dirty = true;
                 i -= 1;
+                self.check_ready(id);
                 break;
             }
             // A deadline already past means "at the next poll".
@@ -807,6 +943,8 @@ impl Core {
                     self.timers.push(Reverse((at, id)));
                 }
             }
+            // Timers (retransmission limits, timeouts) change states on egress.
+            self.check_ready(id);
         }
         self.dirty.drain(..i);
         if self.timers.len() > 2 * self.conns.len + 1024 {
@@ -824,6 +962,11 @@ impl Core {
             };
             entry.dirty = false;
             while self.iface.poll_egress(ts, device, &mut entry.slot.set) != PollResult::None {}
+            // Only egress frees room in the send queue.
+            if entry.interest.send {
+                entry.interest.send = false;
+                self.ready.push(Waiter::UdpSend(port));
+            }
             if device.tx_budget == 0 && entry.slot.udp_ref().send_queue() > 0 {
                 entry.dirty = true;
                 j -= 1;
@@ -983,7 +1126,10 @@ impl Core {
         if let Some(port) = port {
             self.connect_ports.remove(&port);
         }
-        if owner != Owner::App {
+        if owner == Owner::App {
+            // Reads and writes now complete from the record alone.
+            self.check_ready(id);
+        } else {
             self.discard(id);
         }
     }
@@ -1089,14 +1235,14 @@ impl Core {
         Ok(id)
     }
 
-    /// Completes when the handshake of `id` finished: the connection's (local, remote).
-    pub(crate) fn connect_poll(
+    /// The outcome of the active open `id`: the connection's (local, remote) once the handshake
+    /// finished; blocks (as [`Waiter::TcpSend`]) while it is in progress.
+    pub(crate) fn connect_finish(
         &mut self,
         id: ConnId,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Tuple, ConnectError>> {
+    ) -> Result<Result<Tuple, ConnectError>, WouldBlock> {
         let Some(conn) = self.conns.get_mut(id) else {
-            return Poll::Ready(Err(ConnectError::TimedOut));
+            return Ok(Err(ConnectError::TimedOut));
         };
         let failed = if conn.rst_seen || conn.end == Some(End::Reset) {
             ConnectError::Refused
@@ -1105,16 +1251,15 @@ impl Core {
         };
         let tuple = conn.tuple;
         let (Some(slot), Some(tuple)) = (conn.slot.as_mut(), tuple) else {
-            return Poll::Ready(Err(failed));
+            return Ok(Err(failed));
         };
-        let sock = slot.tcp();
-        match sock.state() {
+        match slot.tcp().state() {
             State::SynSent | State::SynReceived => {
-                sock.register_send_waker(cx.waker());
-                Poll::Pending
+                conn.interest.send = true;
+                Err(WouldBlock(Waiter::TcpSend(id)))
             }
-            State::Closed | State::Listen | State::TimeWait => Poll::Ready(Err(failed)),
-            _ => Poll::Ready(Ok(tuple)),
+            State::Closed | State::Listen | State::TimeWait => Ok(Err(failed)),
+            _ => Ok(Ok(tuple)),
         }
     }
 
@@ -1136,37 +1281,41 @@ impl Core {
             sock.abort();
         }
         conn.owner = Owner::Orphan { deadline: None };
+        // Nobody is left to wait for it.
+        conn.interest = Interest::default();
         self.watch(id);
         self.touch(id);
     }
 
-    /// Reads from `id` into `buf`.
-    pub(crate) fn tcp_read(
+    /// Reads up to `max` bytes from `id`, handing them to `put` in order (in one or more
+    /// non-empty pieces): the number of bytes read, 0 at the end of the stream (or if `max` is
+    /// 0). Blocks (as [`Waiter::TcpRecv`]) while there is nothing to read.
+    pub(crate) fn tcp_recv(
         &mut self,
         id: ConnId,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+        max: usize,
+        mut put: impl FnMut(&[u8]),
+    ) -> Result<io::Result<usize>, WouldBlock> {
         let Some(conn) = self.conns.get_mut(id) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
-        if buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
+        if max == 0 {
+            return Ok(Ok(0));
         }
         let Some(slot) = conn.slot.as_mut() else {
             let rest = &conn.leftover[conn.leftover_pos.min(conn.leftover.len())..];
             if !rest.is_empty() {
-                let n = rest.len().min(buf.remaining());
-                buf.put_slice(&rest[..n]);
+                let n = rest.len().min(max);
+                put(&rest[..n]);
                 conn.leftover_pos += n;
                 if conn.leftover_pos >= conn.leftover.len() {
                     conn.leftover = Vec::new();
                     conn.leftover_pos = 0;
                 }
-                return Poll::Ready(Ok(()));
+                return Ok(Ok(n));
             }
-            return Poll::Ready(match conn.end {
-                Some(End::Fin) | None => Ok(()),
+            return Ok(match conn.end {
+                Some(End::Fin) | None => Ok(0),
                 _ => Err(conn.broken(false, self.addresses.contains(&conn.local))),
             });
         };
@@ -1175,10 +1324,12 @@ impl Core {
         let window_before = capacity - sock.recv_queue();
         let mut read = 0;
         let mut outcome = None;
-        while buf.remaining() > 0 {
+        while read < max {
             match sock.recv(|data| {
-                let n = data.len().min(buf.remaining());
-                buf.put_slice(&data[..n]);
+                let n = data.len().min(max - read);
+                if n > 0 {
+                    put(&data[..n]);
+                }
                 (n, n)
             }) {
                 Ok(0) => break,
@@ -1199,55 +1350,55 @@ impl Core {
             if window_before < capacity / 2 {
                 self.touch(id);
             }
-            return Poll::Ready(Ok(()));
+            return Ok(Ok(read));
         }
         match outcome {
-            Some(Ok(())) => Poll::Ready(Ok(())),
-            Some(Err(())) if !matches!(sock.state(), State::SynSent | State::SynReceived) => {
-                Poll::Ready(Err(conn.broken(false, self.addresses.contains(&conn.local))))
+            Some(Ok(())) => Ok(Ok(0)),
+            Some(Err(())) if !handshaking(sock.state()) => {
+                Ok(Err(conn.broken(false, self.addresses.contains(&conn.local))))
             }
             _ => {
-                sock.register_recv_waker(cx.waker());
-                Poll::Pending
+                conn.interest.recv = true;
+                Err(WouldBlock(Waiter::TcpRecv(id)))
             }
         }
     }
 
-    /// Queues `data` for sending on `id`.
-    pub(crate) fn tcp_write(
+    /// Queues `data` for sending on `id`: the number of bytes queued. Blocks (as
+    /// [`Waiter::TcpSend`]) while the send buffer is full or the handshake is in progress.
+    pub(crate) fn tcp_send(
         &mut self,
         id: ConnId,
-        cx: &mut Context<'_>,
         data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    ) -> Result<io::Result<usize>, WouldBlock> {
         let Some(conn) = self.conns.get_mut(id) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
         let address_kept = self.addresses.contains(&conn.local);
         let Some(slot) = conn.slot.as_mut() else {
-            return Poll::Ready(Err(conn.broken(true, address_kept)));
+            return Ok(Err(conn.broken(true, address_kept)));
         };
         let sock = slot.tcp();
         if !sock.may_send() {
-            if matches!(sock.state(), State::SynSent | State::SynReceived) {
-                sock.register_send_waker(cx.waker());
-                return Poll::Pending;
+            if handshaking(sock.state()) {
+                conn.interest.send = true;
+                return Err(WouldBlock(Waiter::TcpSend(id)));
             }
-            return Poll::Ready(Err(conn.broken(true, address_kept)));
+            return Ok(Err(conn.broken(true, address_kept)));
         }
         if data.is_empty() {
-            return Poll::Ready(Ok(0));
+            return Ok(Ok(0));
         }
         match sock.send_slice(data) {
             Ok(0) => {
-                sock.register_send_waker(cx.waker());
-                Poll::Pending
+                conn.interest.send = true;
+                Err(WouldBlock(Waiter::TcpSend(id)))
             }
             Ok(n) => {
                 self.touch(id);
-                Poll::Ready(Ok(n))
+                Ok(Ok(n))
             }
-            Err(_) => Poll::Ready(Err(conn.broken(true, address_kept))),
+            Err(_) => Ok(Err(conn.broken(true, address_kept))),
         }
     }
 
@@ -1270,6 +1421,8 @@ impl Core {
         conn.shut_wr = true;
         self.watch(id);
         self.touch(id);
+        // A write blocked on a full buffer now fails.
+        self.check_ready(id);
         Ok(())
     }
 
@@ -1289,7 +1442,7 @@ impl Core {
             port,
             Listener {
                 pending: Vec::new(),
-                waker: None,
+                interest: false,
             },
         );
         tracing::info!(port, "netstack: listening");
@@ -1320,20 +1473,17 @@ impl Core {
         tracing::info!(port, "netstack: stopped listening");
     }
 
-    /// Takes an established connection from the listener on `port`.
-    pub(crate) fn accept_poll(
-        &mut self,
-        port: u16,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(ConnId, Tuple)>> {
+    /// Takes an established connection from the listener on `port`. Blocks (as
+    /// [`Waiter::Accept`]) while none is.
+    pub(crate) fn accept(&mut self, port: u16) -> Result<io::Result<(ConnId, Tuple)>, WouldBlock> {
         let mut i = 0;
         loop {
             let Some(listener) = self.listeners.get_mut(&port) else {
-                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+                return Ok(Err(io::ErrorKind::NotConnected.into()));
             };
             let Some(&id) = listener.pending.get(i) else {
-                listener.waker = Some(cx.waker().clone());
-                return Poll::Pending;
+                listener.interest = true;
+                return Err(WouldBlock(Waiter::Accept(port)));
             };
             let Some(conn) = self.conns.get_mut(id) else {
                 listener.pending.swap_remove(i);
@@ -1345,10 +1495,7 @@ impl Core {
             };
             let sock = slot.tcp();
             match sock.state() {
-                State::SynReceived => {
-                    sock.register_recv_waker(cx.waker());
-                    i += 1;
-                }
+                State::SynReceived => i += 1,
                 State::Closed | State::Listen | State::TimeWait => self.drop_pending(port, i),
                 _ => {
                     sock.set_timeout(self.cfg.tcp_timeout.map(to_smol));
@@ -1357,7 +1504,7 @@ impl Core {
                     // The timeout changed: reschedule its timer.
                     self.touch(id);
                     tracing::debug!(local = %tuple.0, remote = %tuple.1, "netstack: accepted");
-                    return Poll::Ready(Ok((id, tuple)));
+                    return Ok(Ok((id, tuple)));
                 }
             }
         }
@@ -1403,29 +1550,30 @@ impl Core {
                 slot: Slot::new(sock),
                 orphan: false,
                 dirty: false,
+                interest: Interest::default(),
             },
         );
         tracing::debug!(port, "netstack: UDP socket bound");
         Ok(port)
     }
 
-    /// Queues one datagram from `port` to `target`.
+    /// Queues one datagram from `port` to `target`: its length. Blocks (as
+    /// [`Waiter::UdpSend`]) while the send queue is full.
     pub(crate) fn udp_send(
         &mut self,
         port: u16,
-        cx: &mut Context<'_>,
         data: &[u8],
         target: SocketAddr,
-    ) -> Poll<io::Result<usize>> {
+    ) -> Result<io::Result<usize>, WouldBlock> {
         let target = SocketAddr::new(target.ip().to_canonical(), target.port());
         if target.port() == 0 || target.ip().is_unspecified() {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "unspecified UDP destination",
             )));
         }
         let Some(local) = self.local_address_for(target.ip()) else {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::AddrNotAvailable,
                 "no local address of the destination's family",
             )));
@@ -1433,7 +1581,7 @@ impl Core {
         let ip_header = if target.is_ipv4() { 20 } else { 40 };
         let max = self.cfg.mtu - ip_header - 8;
         if data.len() > max {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "datagram of {} bytes exceeds the {max}-byte limit of the tunnel MTU",
@@ -1442,7 +1590,7 @@ impl Core {
             )));
         }
         let Some(entry) = self.udp.get_mut(&port) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
         let sock = entry.slot.udp();
         let mut meta = udp::UdpMetadata::from(IpEndpoint::from(target));
@@ -1450,38 +1598,36 @@ impl Core {
         match sock.send_slice(data, meta) {
             Ok(()) => {
                 self.touch_udp(port);
-                Poll::Ready(Ok(data.len()))
+                Ok(Ok(data.len()))
             }
             Err(udp::SendError::BufferFull) => {
-                sock.register_send_waker(cx.waker());
-                Poll::Pending
+                entry.interest.send = true;
+                Err(WouldBlock(Waiter::UdpSend(port)))
             }
-            Err(udp::SendError::Unaddressable) => {
-                Poll::Ready(Err(io::ErrorKind::InvalidInput.into()))
-            }
+            Err(udp::SendError::Unaddressable) => Ok(Err(io::ErrorKind::InvalidInput.into())),
         }
     }
 
-    /// Takes one received datagram; a datagram longer than `buf` is truncated.
+    /// Takes one received datagram into `buf` (truncated to its length): the length and the
+    /// sender. Blocks (as [`Waiter::UdpRecv`]) while none is queued.
     pub(crate) fn udp_recv(
         &mut self,
         port: u16,
-        cx: &mut Context<'_>,
         buf: &mut [u8],
-    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+    ) -> Result<io::Result<(usize, SocketAddr)>, WouldBlock> {
         let Some(entry) = self.udp.get_mut(&port) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
         let sock = entry.slot.udp();
         match sock.recv() {
             Ok((data, meta)) => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
-                Poll::Ready(Ok((n, SocketAddr::from(meta.endpoint))))
+                Ok(Ok((n, SocketAddr::from(meta.endpoint))))
             }
             Err(_) => {
-                sock.register_recv_waker(cx.waker());
-                Poll::Pending
+                entry.interest.recv = true;
+                Err(WouldBlock(Waiter::UdpRecv(port)))
             }
         }
     }
@@ -1495,11 +1641,20 @@ impl Core {
             self.udp.remove(&port);
         } else {
             entry.orphan = true;
+            entry.interest = Interest::default();
             self.touch_udp(port);
         }
     }
 }
 
+/// Whether a TCP socket is in its opening handshake (reads and writes wait for it to finish).
+fn handshaking(state: State) -> bool {
+    matches!(state, State::SynSent | State::SynReceived)
+}
+
 fn to_smol(d: Duration) -> SmolDuration {
     SmolDuration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::Shared;
+use crate::core::Waiter;
 
 /// Errors of [`Netstack::bind_icmp`](crate::Netstack::bind_icmp).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -88,7 +89,7 @@ impl IcmpSocket {
     ) -> Poll<io::Result<()>> {
         let ident = self.ident;
         self.shared
-            .with(|core| core.icmp_send(ident, cx, dst, seq, payload))
+            .poll_with(cx, |core| core.icmp_send(ident, dst, seq, payload))
     }
 
     /// Waits for the next echo reply; its payload is copied into `buf` (truncated to
@@ -109,13 +110,18 @@ impl IcmpSocket {
         buf: &mut [u8],
     ) -> Poll<io::Result<EchoReply>> {
         let ident = self.ident;
-        self.shared.with(|core| core.icmp_recv(ident, cx, buf))
+        self.shared.poll_with(cx, |core| core.icmp_recv(ident, buf))
     }
 }
 
 impl Drop for IcmpSocket {
     fn drop(&mut self) {
         let ident = self.ident;
-        self.shared.with(|core| core.icmp_close(ident));
+        self.shared.release(
+            &[Waiter::IcmpRecv(ident), Waiter::IcmpSend(ident)],
+            |core| {
+                core.icmp_close(ident);
+            },
+        );
     }
 }

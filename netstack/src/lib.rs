@@ -61,7 +61,10 @@
 //!   packet: 100 idle connections cost a bulk transfer 80% of its throughput.)
 //! - **Locking.** One `std::sync::Mutex` guards the interface and all sockets; it is held for one
 //!   operation or one `poll` (bounded to 256 inbound and 1024 outbound packets) and never across
-//!   an `.await`. Wakers are registered under the lock, so no wake-up is lost.
+//!   an `.await`. The core has no notion of tasks: a blocked operation returns `WouldBlock` and
+//!   the core lists the operations that may complete after a `poll`. The handles keep the
+//!   wakers beside the core under the same lock, register them in the same critical section as
+//!   the operation that blocked, and wake the listed ones before unlocking, so no wake-up is lost.
 //! - **Listening on any port.** smoltcp cannot listen on "any port", and its listening socket
 //!   becomes the connection it accepts. `poll` looks at every inbound SYN first: for a port with a
 //!   [`TcpListener`] it opens a LISTEN socket that the SYN turns into the new connection, bounded
@@ -102,15 +105,19 @@
 //! - `config` — [`NetstackConfig`] and validation.
 //! - `device` — [`PacketQueues`] and the smoltcp device over them.
 //! - `inspect` — allocation-free TCP header look-up for inbound packets.
-//! - `core` — the state behind the mutex: interface, sockets, records, reclaim.
+//! - `core` — the sans-IO state behind the mutex: interface, sockets, records, reclaim, and
+//!   which blocked operations may complete.
+//! - `wake` — the wakers of the tasks blocked on the core.
 //! - `tcp`, `udp`, `icmp` — the async application handles (`core::icmp` is the echo sockets'
 //!   side of the core).
-//! - [`testing`] — two netstacks wired back to back in memory (tests and benchmarks).
+//! - `testing` (feature `testing`) — two netstacks wired back to back in memory (tests and
+//!   benchmarks).
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 mod config;
@@ -119,9 +126,11 @@ mod device;
 mod icmp;
 mod inspect;
 mod tcp;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 mod udp;
+mod wake;
 
 pub use crate::config::NetstackConfig;
 pub use crate::device::PacketQueues;
@@ -129,7 +138,8 @@ pub use crate::icmp::{EchoReply, IcmpBindError, IcmpSocket};
 pub use crate::tcp::{TcpListener, TcpStream};
 pub use crate::udp::UdpSocket;
 
-use crate::core::Core;
+use crate::core::{Core, Waiter, WouldBlock};
+use crate::wake::Wakers;
 
 /// Errors creating or reconfiguring a [`Netstack`].
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -238,27 +248,69 @@ pub struct NetstackStats {
 
 /// State shared by the netstack handle, the driver and every socket handle.
 pub(crate) struct Shared {
-    core: Mutex<Core>,
+    state: Mutex<State>,
     work: tokio::sync::Notify,
 }
 
+/// What the netstack's one lock guards: the sans-IO core and the tasks blocked on it.
+struct State {
+    core: Core,
+    wakers: Wakers,
+}
+
 impl Shared {
-    /// Runs `f` under the lock and notifies the driver afterwards if `f` gave it work.
+    /// Runs `f` under the lock; wakes the tasks whose operations `f` made ready, and notifies
+    /// the driver afterwards if `f` gave it work.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
-        let mut core = self.lock();
-        let result = f(&mut core);
+        self.locked(|core, _| f(core))
+    }
+
+    /// Runs an operation that may block: its result, or `Pending` with `cx`'s waker registered
+    /// for the waiter the core named, in the same critical section as the operation.
+    pub(crate) fn poll_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut Core) -> Result<T, WouldBlock>,
+    ) -> Poll<T> {
+        self.locked(|core, wakers| match f(core) {
+            Ok(done) => Poll::Ready(done),
+            Err(WouldBlock(waiter)) => {
+                wakers.register(waiter, cx.waker());
+                Poll::Pending
+            }
+        })
+    }
+
+    /// A handle lets go: runs `f` and drops the wakers registered for `waiters`.
+    pub(crate) fn release(&self, waiters: &[Waiter], f: impl FnOnce(&mut Core)) {
+        self.locked(|core, wakers| {
+            for &waiter in waiters {
+                wakers.forget(waiter);
+            }
+            f(core);
+        });
+    }
+
+    fn locked<R>(&self, f: impl FnOnce(&mut Core, &mut Wakers) -> R) -> R {
+        let mut state = self.lock();
+        let State { core, wakers } = &mut *state;
+        let result = f(core, wakers);
+        // Waking only schedules the tasks; they lock again once this returns.
+        for waiter in core.take_ready() {
+            wakers.wake(waiter);
+        }
         let wake = std::mem::take(&mut core.wake_driver);
-        drop(core);
+        drop(state);
         if wake {
             self.work.notify_one();
         }
         result
     }
 
-    fn lock(&self) -> MutexGuard<'_, Core> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves smoltcp's state consistent enough to keep
         // serving (smoltcp does not unwind mid-update on its own), so poisoning is ignored.
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -286,7 +338,10 @@ impl Netstack {
         let core = Core::new(config, now)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                core: Mutex::new(core),
+                state: Mutex::new(State {
+                    core,
+                    wakers: Wakers::default(),
+                }),
                 work: tokio::sync::Notify::new(),
             }),
         })

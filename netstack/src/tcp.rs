@@ -1,8 +1,9 @@
 //! Async TCP handles: [`TcpStream`] (tokio `AsyncRead`/`AsyncWrite`) and [`TcpListener`].
 //!
-//! Every operation locks the netstack, acts on the smoltcp socket, and either completes or
-//! registers the task's waker on the socket before the lock is released; smoltcp wakes it when a
-//! later `poll` changes the socket. Operations that give the stack work notify the driver.
+//! Every operation locks the netstack and runs the core's operation, which either completes or
+//! returns `WouldBlock`; then the task's waker is registered before the lock is released (see
+//! [`Shared::poll_with`]) and woken once the core lists the operation as ready, typically after
+//! a later `poll`. Operations that give the stack work notify the driver.
 
 use std::fmt;
 use std::future::poll_fn;
@@ -14,7 +15,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::core::ConnId;
+use crate::core::{ConnId, Waiter};
 use crate::{ConnectError, Shared};
 
 /// Opens a connection; see [`crate::Netstack::connect`].
@@ -29,7 +30,7 @@ pub(crate) async fn connect(
         id,
         armed: true,
     };
-    let (local, peer) = poll_fn(|cx| shared.with(|core| core.connect_poll(id, cx))).await?;
+    let (local, peer) = poll_fn(|cx| shared.poll_with(cx, |core| core.connect_finish(id))).await?;
     // Ownership passes to the stream.
     guard.armed = false;
     Ok(TcpStream {
@@ -52,7 +53,8 @@ impl Drop for ConnectGuard {
     fn drop(&mut self) {
         if self.armed {
             let id = self.id;
-            self.shared.with(|core| core.release(id, false));
+            self.shared
+                .release(&[Waiter::TcpSend(id)], |core| core.release(id, false));
         }
     }
 }
@@ -107,7 +109,10 @@ impl Drop for TcpStream {
     fn drop(&mut self) {
         let id = self.id;
         let graceful = self.graceful;
-        self.shared.with(|core| core.release(id, graceful));
+        self.shared
+            .release(&[Waiter::TcpRecv(id), Waiter::TcpSend(id)], |core| {
+                core.release(id, graceful);
+            });
     }
 }
 
@@ -118,7 +123,10 @@ impl AsyncRead for TcpStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let id = self.id;
-        self.shared.with(|core| core.tcp_read(id, cx, buf))
+        self.shared.poll_with(cx, |core| {
+            core.tcp_recv(id, buf.remaining(), |data| buf.put_slice(data))
+                .map(|read| read.map(|_| ()))
+        })
     }
 }
 
@@ -129,7 +137,7 @@ impl AsyncWrite for TcpStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let id = self.id;
-        self.shared.with(|core| core.tcp_write(id, cx, data))
+        self.shared.poll_with(cx, |core| core.tcp_send(id, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -182,7 +190,7 @@ impl TcpListener {
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         let port = self.port;
         self.shared
-            .with(|core| core.accept_poll(port, cx))
+            .poll_with(cx, |core| core.accept(port))
             .map_ok(|(id, (local, peer))| {
                 (
                     TcpStream {
@@ -201,6 +209,7 @@ impl TcpListener {
 impl Drop for TcpListener {
     fn drop(&mut self) {
         let port = self.port;
-        self.shared.with(|core| core.unlisten(port));
+        self.shared
+            .release(&[Waiter::Accept(port)], |core| core.unlisten(port));
     }
 }

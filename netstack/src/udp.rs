@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::Shared;
+use crate::core::Waiter;
 
 /// A UDP socket of the netstack.
 ///
@@ -62,7 +63,7 @@ impl UdpSocket {
     ) -> Poll<io::Result<usize>> {
         let port = self.port;
         self.shared
-            .with(|core| core.udp_send(port, cx, data, target))
+            .poll_with(cx, |core| core.udp_send(port, data, target))
     }
 
     /// Receives one datagram into `buf`: its length (truncated to `buf.len()`, the rest of a
@@ -83,13 +84,16 @@ impl UdpSocket {
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
         let port = self.port;
-        self.shared.with(|core| core.udp_recv(port, cx, buf))
+        self.shared.poll_with(cx, |core| core.udp_recv(port, buf))
     }
 }
 
 impl Drop for UdpSocket {
     fn drop(&mut self) {
         let port = self.port;
-        self.shared.with(|core| core.udp_close(port));
+        self.shared
+            .release(&[Waiter::UdpRecv(port), Waiter::UdpSend(port)], |core| {
+                core.udp_close(port);
+            });
     }
 }

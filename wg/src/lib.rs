@@ -13,8 +13,8 @@
 //!   IPv4-mapped endpoint addresses.
 //! - [`config`]: parsing (and printing) wg-quick files.
 //! - [`keys`]: private, public and preshared keys in wg's base64 form.
-//! - [`testing`]: in-memory networks of engines and hand-built IP packets,
-//!   for this crate's tests and the integrator's.
+//! - `testing` (feature `testing`): in-memory networks of engines and
+//!   hand-built IP packets, for this crate's tests and the integrator's.
 //!
 //! # Contract
 //!
@@ -30,6 +30,7 @@ pub mod config;
 pub mod engine;
 pub mod keys;
 mod routing;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod udp;
 

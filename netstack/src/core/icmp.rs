@@ -15,7 +15,6 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::task::{Context, Poll};
 
 use rand::Rng;
 use smoltcp::phy::ChecksumCapabilities;
@@ -23,7 +22,7 @@ use smoltcp::socket::icmp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress};
 
-use super::{Core, PollResult, Slot};
+use super::{Core, Interest, PollResult, Slot, Waiter, WouldBlock};
 use crate::device::QueueDevice;
 use crate::icmp::{EchoReply, IcmpBindError};
 
@@ -40,6 +39,8 @@ pub(crate) struct IcmpEntry {
     /// The handle was dropped; removed once the queued requests are sent.
     orphan: bool,
     dirty: bool,
+    /// Receives or sends blocked on this socket.
+    interest: Interest,
 }
 
 impl Slot {
@@ -56,6 +57,15 @@ impl IcmpEntry {
     /// The smoltcp set of this socket, for ingress.
     pub(super) fn set(&mut self) -> &mut smoltcp::iface::SocketSet<'static> {
         &mut self.slot.set
+    }
+
+    /// After ingress: whether a blocked receive may now complete (clears its interest if so).
+    pub(super) fn take_recv_ready(&mut self) -> bool {
+        let ready = self.interest.recv && self.slot.icmp_ref().can_recv();
+        if ready {
+            self.interest.recv = false;
+        }
+        ready
     }
 }
 
@@ -95,34 +105,35 @@ impl Core {
                 slot: Slot::new(sock),
                 orphan: false,
                 dirty: false,
+                interest: Interest::default(),
             },
         );
         tracing::debug!(ident, "netstack: ICMP echo socket opened");
         Ok(ident)
     }
 
-    /// Queues one echo request to `dst` from the socket `ident`.
+    /// Queues one echo request to `dst` from the socket `ident`. Blocks (as
+    /// [`Waiter::IcmpSend`]) while the send queue is full.
     pub(crate) fn icmp_send(
         &mut self,
         ident: u16,
-        cx: &mut Context<'_>,
         dst: IpAddr,
         seq_no: u16,
         data: &[u8],
-    ) -> Poll<io::Result<()>> {
+    ) -> Result<io::Result<()>, WouldBlock> {
         let dst = dst.to_canonical();
         let unusable = match dst {
             IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
             IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
         };
         if unusable {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("cannot ping {dst}: not a unicast address"),
             )));
         }
         let Some(local) = self.local_address_for(dst) else {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::AddrNotAvailable,
                 "no local address of the destination's family",
             )));
@@ -130,7 +141,7 @@ impl Core {
         let ip_header = if dst.is_ipv4() { 20 } else { 40 };
         let max = self.cfg.mtu - ip_header - ECHO_HEADER;
         if data.len() > max {
-            return Poll::Ready(Err(io::Error::new(
+            return Ok(Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "echo payload of {} bytes exceeds the {max}-byte limit of the tunnel MTU",
@@ -139,7 +150,7 @@ impl Core {
             )));
         }
         let Some(entry) = self.icmp.get_mut(&ident) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
         let sock = entry.slot.icmp();
         // smoltcp computes the checksum when it emits the packet.
@@ -166,40 +177,38 @@ impl Core {
             }
             // `local_address_for` returns an address of the destination's family.
             (IpAddr::V4(_), IpAddr::V6(_)) => {
-                return Poll::Ready(Err(io::ErrorKind::AddrNotAvailable.into()));
+                return Ok(Err(io::ErrorKind::AddrNotAvailable.into()));
             }
         };
         match queued {
             Ok(()) => {
                 tracing::trace!(ident, seq_no, %dst, "netstack: echo request queued");
                 self.touch_icmp(ident);
-                Poll::Ready(Ok(()))
+                Ok(Ok(()))
             }
             Err(icmp::SendError::BufferFull) => {
-                sock.register_send_waker(cx.waker());
-                Poll::Pending
+                entry.interest.send = true;
+                Err(WouldBlock(Waiter::IcmpSend(ident)))
             }
-            Err(icmp::SendError::Unaddressable) => {
-                Poll::Ready(Err(io::ErrorKind::InvalidInput.into()))
-            }
+            Err(icmp::SendError::Unaddressable) => Ok(Err(io::ErrorKind::InvalidInput.into())),
         }
     }
 
     /// Takes one echo reply of the socket `ident`, its payload copied (truncated) into `buf`.
+    /// Blocks (as [`Waiter::IcmpRecv`]) while none is queued.
     pub(crate) fn icmp_recv(
         &mut self,
         ident: u16,
-        cx: &mut Context<'_>,
         buf: &mut [u8],
-    ) -> Poll<io::Result<EchoReply>> {
+    ) -> Result<io::Result<EchoReply>, WouldBlock> {
         let Some(entry) = self.icmp.get_mut(&ident) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            return Ok(Err(io::ErrorKind::NotConnected.into()));
         };
         let sock = entry.slot.icmp();
         loop {
             let Ok((message, from)) = sock.recv() else {
-                sock.register_recv_waker(cx.waker());
-                return Poll::Pending;
+                entry.interest.recv = true;
+                return Err(WouldBlock(Waiter::IcmpRecv(ident)));
             };
             let caps = ChecksumCapabilities::ignored();
             let reply = match from {
@@ -238,7 +247,7 @@ impl Core {
             let n = data.len().min(buf.len());
             buf[..n].copy_from_slice(&data[..n]);
             tracing::trace!(ident, seq, from = %from, "netstack: echo reply");
-            return Poll::Ready(Ok(EchoReply {
+            return Ok(Ok(EchoReply {
                 from: IpAddr::from(from),
                 seq,
                 len: data.len(),
@@ -255,6 +264,7 @@ impl Core {
             self.icmp.remove(&ident);
         } else {
             entry.orphan = true;
+            entry.interest = Interest::default();
             self.touch_icmp(ident);
         }
         tracing::debug!(ident, "netstack: ICMP echo socket closed");
@@ -284,6 +294,11 @@ impl Core {
             };
             entry.dirty = false;
             while self.iface.poll_egress(ts, device, &mut entry.slot.set) != PollResult::None {}
+            // Only egress frees room in the send queue.
+            if entry.interest.send {
+                entry.interest.send = false;
+                self.ready.push(Waiter::IcmpSend(ident));
+            }
             if device.tx_budget == 0 && entry.slot.icmp_ref().send_queue() > 0 {
                 entry.dirty = true;
                 j -= 1;
