@@ -88,12 +88,14 @@
 //!   and its validation.
 //! - [`running`]: [`Tailnode::start`] wires everything below together; the [`Tailnode`] handle
 //!   gives status, the dialer, peer changes and shutdown.
-//! - [`node`]: the data plane — the WireGuard engine, the netstack and the UDP socket driven by
-//!   one packet task — and the [`node::NodeHandle`] that changes peers while it runs.
+//! - [`node`]: the data plane — the WireGuard engine, the netstack and the datagram socket
+//!   driven by one packet task — and the [`node::NodeHandle`] that changes peers while it runs.
+//!   The socket is a [`DatagramIo`]: the host's UDP socket, or a simulated one
+//!   ([`Tailnode::start_with`]).
 //! - [`dial`]: one vocabulary for reaching destinations ([`dial::TargetAddr`],
 //!   [`dial::Dialer`], [`dial::DialError`]) and one routing policy for TCP and UDP; the node's
 //!   [`dial::TailnetDialer`].
-//! - [`accept`]: the one accept loop of every listener (proxies, forwards, exposure, API,
+//! - `accept` (private): the one accept loop of every listener (proxies, forwards, exposure, API,
 //!   metrics): connection limit, backoff on errors, tracked tasks, drain on cancellation.
 //! - [`socks5`] and [`http_proxy`]: the local proxies, generic over a [`dial::Dialer`].
 //! - [`forward`], [`udp_forward`] and [`expose`]: local → tailnet TCP and UDP forwards,
@@ -106,6 +108,8 @@
 //!   (server and client);
 //!   [`ping`]: ICMP echo from the node's netstack, served through the API; [`metrics`]: the
 //!   Prometheus endpoint.
+//! - `testing` (feature `testing`): the simulated network (`testing::sim`) on which whole
+//!   nodes and a coordinator run in one process on tokio's paused clock.
 //!
 //! # Contract
 //!
