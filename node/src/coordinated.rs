@@ -38,9 +38,33 @@ pub fn node_key(key: &PublicKey) -> NodeKey {
     NodeKey(*key.as_bytes())
 }
 
+/// How many peer changes a slow [`NodeDataPlane::peer_changes`] subscriber may fall behind
+/// before it misses some (it is told how many, as `RecvError::Lagged`).
+pub const PEER_CHANGES_BACKLOG: usize = 256;
+
+/// A change the controller made to the node's coordinated peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// A peer was added to the data plane or updated in place.
+    Upserted {
+        /// The peer's WireGuard key.
+        public_key: PublicKey,
+        /// Its name in the tailnet.
+        name: String,
+        /// It had been removed (expired) and was rebuilt with a new WireGuard session.
+        fresh_session: bool,
+    },
+    /// A peer left the data plane (expired, or it said goodbye).
+    Removed {
+        /// The peer's WireGuard key.
+        public_key: PublicKey,
+    },
+}
+
 /// The node seen by the controller.
 pub struct NodeDataPlane {
     node: NodeHandle,
+    changes: tokio::sync::broadcast::Sender<PeerChange>,
     /// Addresses from a wg-quick file, kept beside the assigned ones.
     static_addresses: Vec<IpAddr>,
     /// Endpoints given with `--endpoint`; when set they replace discovery.
@@ -70,10 +94,16 @@ impl NodeDataPlane {
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
+            changes: tokio::sync::broadcast::channel(PEER_CHANGES_BACKLOG).0,
             static_addresses,
             advertised,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Every change to the coordinated peers from now on.
+    pub fn peer_changes(&self) -> tokio::sync::broadcast::Receiver<PeerChange> {
+        self.changes.subscribe()
     }
 
     /// What the coordinator assigned, once welcomed.
@@ -206,11 +236,20 @@ impl DataPlane for NodeDataPlane {
         if fresh_session {
             let _ = self.node.reset_peer(public_key(&peer.node_key)).await;
         }
+        // Nobody listening is fine.
+        let _ = self.changes.send(PeerChange::Upserted {
+            public_key: public_key(&peer.node_key),
+            name: peer.name.clone(),
+            fresh_session,
+        });
     }
 
     async fn remove_peer(&self, key: &NodeKey) {
         self.lock().peers.remove(key);
         let _ = self.node.remove_peer(public_key(key)).await;
+        let _ = self.changes.send(PeerChange::Removed {
+            public_key: public_key(key),
+        });
     }
 
     async fn last_handshakes(&self) -> HashMap<NodeKey, Instant> {

@@ -143,5 +143,6 @@ pub mod testing;
 pub mod udp_forward;
 
 pub use config::{Config, ConfigError, ListenAddr, StaticPeer};
+pub use coordinated::PeerChange;
 pub use node::DatagramIo;
 pub use running::{StartError, Tailnode};

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{self, ApiAddr, ApiBindError, default_api};
 use crate::config::{Config, ConfigError, ListenAddr, StaticPeer};
-use crate::coordinated::{NodeDataPlane, node_key};
+use crate::coordinated::{NodeDataPlane, PeerChange, node_key};
 use crate::dial::{DirectPolicy, TailnetDialer};
 use crate::expose::serve_exposure;
 use crate::forward::{Protocol, serve_tcp_forward};
@@ -151,6 +151,8 @@ pub struct Tailnode {
     cancel: CancellationToken,
     tasks: TaskTracker,
     controller_task: Option<JoinHandle<()>>,
+    /// The controller's data plane, when a coordinator is configured.
+    coordinated: Option<Arc<NodeDataPlane>>,
     bound: Bound,
 }
 
@@ -245,6 +247,13 @@ impl Tailnode {
     /// The controller's state, when a coordinator is configured.
     pub fn control_status(&self) -> Option<watch::Receiver<ControlStatus>> {
         self.control.as_ref().map(|c| c.status.clone())
+    }
+
+    /// Every change the controller makes to the coordinated peers from now on (peers joining,
+    /// updated, expired, rebuilt, leaving), when a coordinator is configured. Static peers are
+    /// changed only through [`add_peer`](Self::add_peer) and [`remove_peer`](Self::remove_peer).
+    pub fn peer_changes(&self) -> Option<tokio::sync::broadcast::Receiver<PeerChange>> {
+        self.coordinated.as_ref().map(|c| c.peer_changes())
     }
 
     /// The coordinated peers and their lifecycle states, when a coordinator is configured.
@@ -364,6 +373,7 @@ async fn start<D: DatagramIo, C: Connector>(
 
     let mut control = None;
     let mut controller_task = None;
+    let mut coordinated = None;
     if let Some(url) = config.coordinator.clone() {
         let transport =
             WebSocketTransport::new(config.coordinator_ca.as_deref())?.with_connector(connector);
@@ -389,6 +399,7 @@ async fn start<D: DatagramIo, C: Connector>(
         let data_plane =
             NodeDataPlane::new(handle.clone(), static_addresses, config.endpoints.clone());
         tasks.spawn(data_plane.clone().probe_endpoints(cancel.clone()));
+        coordinated = Some(Arc::clone(&data_plane));
         let controller = Controller::new(cc, transport, data_plane);
         control = Some(ControlHandles {
             status: controller.status(),
@@ -443,6 +454,7 @@ async fn start<D: DatagramIo, C: Connector>(
         cancel,
         tasks,
         controller_task,
+        coordinated,
         bound,
     })
 }

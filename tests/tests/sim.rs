@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tailnode::dial::TargetAddr;
 use tailnode::testing::sim::{SimConnector, SimNetwork};
-use tailnode::{Config, Tailnode};
+use tailnode::{Config, PeerChange, Tailnode};
 use tailnode_control::controller::ConnectionState;
 use tailnode_control::coordinator::{AuthKeySource, CoordinatorConfig, CoordinatorServer};
 use tailnode_tests::inproc::serve_transfers;
@@ -169,6 +169,7 @@ async fn nodes_recoordinate_after_the_coordinator_was_blackholed_past_the_lost_p
     tailnet.wait_until_meshed(Duration::from_secs(60)).await;
     tailnet.exchange_bytes(1).await;
 
+    let mut changes = tailnet.nodes[0].peer_changes().expect("coordinated");
     // The coordinator vanishes without a FIN: sessions go silent, dials time out.
     tailnet.blackhole_coordinator(true);
     tokio::time::sleep(Duration::from_secs(16 * 60)).await;
@@ -208,6 +209,32 @@ async fn nodes_recoordinate_after_the_coordinator_was_blackholed_past_the_lost_p
     tailnet.blackhole_coordinator(false);
     tailnet.wait_until_meshed(Duration::from_secs(120)).await;
     tailnet.exchange_bytes(100).await;
+
+    // What sim1's controller did to its peers: both removed (expired), then rebuilt with a
+    // new WireGuard session.
+    let (mut removed, mut rebuilt) = (Vec::new(), Vec::new());
+    while let Ok(change) = changes.try_recv() {
+        match change {
+            PeerChange::Removed { public_key } => removed.push(public_key),
+            PeerChange::Upserted {
+                public_key,
+                fresh_session: true,
+                ..
+            } => rebuilt.push(public_key),
+            PeerChange::Upserted { .. } => {}
+        }
+    }
+    let mut others: Vec<_> = tailnet.nodes[1..]
+        .iter()
+        .map(Tailnode::public_key)
+        .collect();
+    others.sort_by_key(|k| k.to_base64());
+    for list in [&mut removed, &mut rebuilt] {
+        list.sort_by_key(|k| k.to_base64());
+        list.dedup();
+    }
+    assert_eq!(removed, others, "sim1 removed its expired peers");
+    assert_eq!(rebuilt, others, "sim1 rebuilt them with fresh sessions");
 
     for node in &tailnet.nodes {
         let control = node.control_status().expect("coordinated").borrow().clone();
